@@ -5,7 +5,7 @@ Public API: ``LlamaConfig``, ``Transformer``, ``forward``, ``init_params``, ``ab
 """
 
 from jaxft.models.config import LlamaConfig
-from jaxft.models.hf import load_hf, save_hf
+from jaxft.models.hf import architecture, load_hf, save_hf
 from jaxft.models.hf_keys import LINEAR_MODULES, KeyEntry, key_table
 from jaxft.models.llama import Transformer, abstract_params, count_params, forward, init_params
 
@@ -15,6 +15,7 @@ __all__ = [
     "LlamaConfig",
     "Transformer",
     "abstract_params",
+    "architecture",
     "count_params",
     "forward",
     "init_params",

@@ -252,3 +252,16 @@ def copy_side_files(source_dir: str | Path, out: Path) -> None:
         src = Path(source_dir) / name
         if src.is_file() and src.resolve() != (out / name).resolve():
             shutil.copyfile(src, out / name)
+
+
+def architecture(
+    path: str | Path | None, config_json: str | Path | None = None, **runtime: Any
+) -> LlamaConfig:
+    """The architecture of a run: ``path``'s config.json, or ``config_json`` when given instead."""
+    if path is not None and (Path(path) / "config.json").is_file():
+        return LlamaConfig.from_json(Path(path) / "config.json", **runtime)
+    if config_json is not None:
+        return LlamaConfig.from_json(config_json, **runtime)
+    where = f"{path}/config.json" if path is not None else "model.path"
+    raise CheckpointError(f"{where} not found; set model.path to a checkpoint directory "
+                          "(or model.config to a config.json for planning)")
