@@ -1,14 +1,16 @@
 """The LoRA adapter of one linear layer, as a pytree that carries its own hyper-parameters.
 
 An adapter lives in the ``'lora'`` variable collection at the path of the layer it adapts
-(``lora/layers/self_attn/q_proj/adapter``). Its arrays are children (trained); its scaling,
-dropout rate and DoRA flag are static aux data, so a tree of adapters is self-describing: the
+(``lora/layers/self_attn/q_proj/adapter``). Its arrays are children (trained); its alpha,
+rsLoRA flag and dropout rate are static aux data, so a tree of adapters is self-describing: the
 forward pass, the merge and the PEFT export read the hyper-parameters from the tree itself.
 
 Reference: peft/tuners/lora/layer.py (``Linear.forward``) and variants.py (``DoraLinearVariant``).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +30,18 @@ class LoraWeights:
     a: Float[Array, "... i r"]
     b: Float[Array, "... r o"]
     m: Float[Array, "... o"] | None = None
-    scaling: float = struct.field(pytree_node=False, default=1.0)
+    alpha: float = struct.field(pytree_node=False, default=1.0)
+    rslora: bool = struct.field(pytree_node=False, default=False)
     dropout: float = struct.field(pytree_node=False, default=0.0)
 
     @property
     def rank(self) -> int:
         return self.a.shape[-1]
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (PEFT ``LoraLayer.update_layer``)."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     @property
     def use_dora(self) -> bool:
