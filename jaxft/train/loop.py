@@ -277,7 +277,7 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                          best_val_loss=meta["best_val_loss"], best_step=meta["best_step"],
                          plot=plot)
     if lead and cfg.export.formats and status in ("completed", "early_stopped", "data_exhausted"):
-        from jaxft.export import export_run
+        from jaxft.train.exporting import export_run
 
         for fmt in cfg.export.formats:
             result.exports[fmt] = export_run(run_dir, fmt, run_dir / "export" / fmt)

@@ -102,15 +102,18 @@ def logical_axes(path: tuple[Any, ...], leaf: Any) -> tuple[str | None, ...]:
 
 
 def spec_for(shape: Sequence[int], axes: Sequence[str | None], rules: Rules,
-             mesh: Mesh) -> PartitionSpec:
+             mesh_shape: Mapping[str, int]) -> PartitionSpec:
     """PartitionSpec for ``shape`` with logical ``axes``; indivisible or reused axes replicate."""
     used: set[str] = set()
     out: list[Any] = []
     for dim, name in zip(shape, axes):
         target = rules.get(name) if name is not None else None
         mesh_axes = [target] if isinstance(target, str) else list(target or [])
-        mesh_axes = [a for a in mesh_axes if a not in used and mesh.shape[a] > 1]
-        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        unknown = [a for a in mesh_axes if a not in MESH_AXES]
+        if unknown:
+            raise ConfigError(f"mesh.rules maps {name!r} to {unknown}; mesh axes are {MESH_AXES}")
+        mesh_axes = [a for a in mesh_axes if a not in used and mesh_shape[a] > 1]
+        size = math.prod(mesh_shape[a] for a in mesh_axes)
         if not mesh_axes or dim % size:
             out.append(None)
             continue
@@ -119,14 +122,20 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None], rules: Rules,
     return PartitionSpec(*out)
 
 
-def tree_shardings(tree: Any, rules: Rules, mesh: Mesh) -> Any:
-    """NamedSharding for every leaf of a (possibly abstract) params / lora / optimizer tree."""
+def tree_specs(tree: Any, rules: Rules, mesh_shape: Mapping[str, int]) -> Any:
+    """PartitionSpec for every leaf of a (possibly abstract) params / lora / NF4 tree."""
 
-    def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, spec_for(shape, logical_axes(path, leaf), rules, mesh))
+    def one(path: tuple[Any, ...], leaf: Any) -> PartitionSpec:
+        return spec_for(getattr(leaf, "shape", ()), logical_axes(path, leaf), rules, mesh_shape)
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def tree_shardings(tree: Any, rules: Rules, mesh: Mesh) -> Any:
+    """NamedSharding for every leaf of a (possibly abstract) params / lora tree."""
+    specs = tree_specs(tree, rules, dict(mesh.shape))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def optimizer_shardings(opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
