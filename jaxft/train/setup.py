@@ -96,10 +96,13 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict) -> Any:
     }
 
 
-def abstract_plan(cfg: Config, devices: list[jax.Device] | None = None) -> Plan:
-    """Everything the run would hold, as shapes and shardings (``jax.eval_shape``: no memory)."""
+def abstract_trees(cfg: Config) -> tuple[LlamaConfig, Any, Any]:
+    """``(architecture, frozen params, train state)`` as ``jax.ShapeDtypeStruct`` trees.
+
+    Built with ``jax.eval_shape``: a 70B config costs no memory. The base goes through the same
+    NF4 quantization and adapter creation as a real run.
+    """
     config = architecture(cfg.model.path, cfg.model.config, **runtime_kwargs(cfg))
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
     tx, _ = make_tx(cfg)
 
     def build() -> tuple[Any, Any]:
@@ -110,6 +113,22 @@ def abstract_plan(cfg: Config, devices: list[jax.Device] | None = None) -> Plan:
         return frozen, init_state(trainable, tx, cfg.train.seed)
 
     frozen, state = jax.eval_shape(build)
+    return config, frozen, state
+
+
+def mesh_shape(cfg: Config, num_devices: int) -> dict[str, int]:
+    """The mesh axis sizes a run of ``cfg`` would use on ``num_devices`` devices."""
+    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    known = 1
+    for v in sizes.values():
+        known *= v if v != -1 else 1
+    return {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
+
+
+def abstract_plan(cfg: Config, devices: list[jax.Device] | None = None) -> Plan:
+    """Everything the run would hold, as shapes and shardings over real ``devices``."""
+    config, frozen, state = abstract_trees(cfg)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
     rules = dict(cfg.mesh.rules)
     return Plan(config, mesh, frozen, state, tree_shardings(frozen, rules, mesh),
                 state_shardings(state, mesh, rules))
