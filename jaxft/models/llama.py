@@ -30,6 +30,7 @@ from jaxft.nn.norm import RMSNorm, rms_norm
 from jaxft.nn.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 Params = dict[str, Any]
+KVCache = dict[str, Array]
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -41,18 +42,28 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b t h"], cos: Array, sin: Array, mask: Array) -> Array:
+    def __call__(self, x: Float[Array, "b t h"], cos: Array, sin: Array, mask: Array,
+                 cache: KVCache | None = None, cache_index: Array | None = None,
+                 ) -> tuple[Array, KVCache | None]:
+        """With a cache (``k``/``v`` ``[b, S, hk, d]``), this call's keys and values are written
+        at ``cache_index`` and the queries attend over the whole cache (``mask``: ``[b, t, S]``)."""
         c = self.config
         b, t, _ = x.shape
+        det = self.deterministic
         kw = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
-        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, name="q_proj", **kw)(x, self.deterministic)
-        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, name="k_proj", **kw)(x, self.deterministic)
-        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, name="v_proj", **kw)(x, self.deterministic)
+        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, name="q_proj", **kw)(x, det)
+        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, name="k_proj", **kw)(x, det)
+        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, name="v_proj", **kw)(x, det)
         q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
         out = dot_product_attention(q, k, v, mask).reshape(b, t, c.num_heads * c.head_dim)
-        return Linear(c.hidden_size, c.o_bias, name="o_proj", **kw)(out, self.deterministic)
+        return Linear(c.hidden_size, c.o_bias, name="o_proj", **kw)(out, det), cache
 
 
 class MLP(nn.Module):
@@ -70,7 +81,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block. Signature fits ``nn.scan``: ``(carry, window, *broadcast) -> (carry, None)``."""
+    """One pre-norm block. Fits ``nn.scan``: ``(carry, (window, cache), *broadcast) ->
+    (carry, cache)``; ``cache`` is ``None`` outside generation."""
 
     config: LlamaConfig
     deterministic: bool = True
@@ -79,20 +91,27 @@ class DecoderLayer(nn.Module):
     def __call__(
         self,
         x: Float[Array, "b t h"],
-        window: Int[Array, ""],
+        per_layer: tuple[Int[Array, ""], KVCache | None],
         cos: Array,
         sin: Array,
-        segment_ids: Int[Array, "b t"],
-        index: Int[Array, "b t"],
-    ) -> tuple[Array, None]:
+        q_segment: Int[Array, "b t"],
+        q_index: Int[Array, "b t"],
+        kv_segment: Int[Array, "b s"],
+        cache_index: Int[Array, ""] | None,
+    ) -> tuple[Array, KVCache | None]:
         c = self.config
+        window, cache = per_layer
         pdt = _dtype(c.param_dtype)
-        mask = attention_mask(index, index, segment_ids, segment_ids, window)
+        kv_index = jnp.broadcast_to(jnp.arange(kv_segment.shape[1], dtype=jnp.int32)[None],
+                                    kv_segment.shape)
+        mask = attention_mask(q_index, kv_index, q_segment, kv_segment, window)
         h = RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x)
-        x = x + Attention(c, self.deterministic, name="self_attn")(h, cos, sin, mask)
+        attn, cache = Attention(c, self.deterministic, name="self_attn")(
+            h, cos, sin, mask, cache, cache_index)
+        x = x + attn
         h = RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
         x = x + MLP(c, self.deterministic, name="mlp")(h)
-        return x, None
+        return x, cache
 
 
 def _layer_class(config: LlamaConfig) -> type[nn.Module]:
@@ -105,7 +124,12 @@ def _layer_class(config: LlamaConfig) -> type[nn.Module]:
 
 
 class Transformer(nn.Module):
-    """Token ids ``[b, t]`` -> logits ``[b, t, V]`` in the compute dtype."""
+    """Token ids ``[b, t]`` -> logits ``[b, t, V]`` in the compute dtype.
+
+    Generation passes a ``cache`` (``init_cache``): keys/values of every layer, ``[L, b, S, hk, d]``
+    (a list per layer when unrolled); the call writes its tokens at ``cache_index`` and returns
+    ``(logits, new_cache)``. ``kv_segment_ids`` ``[b, S]`` marks cache slots (0 = padding).
+    """
 
     config: LlamaConfig
     deterministic: bool = True
@@ -116,13 +140,18 @@ class Transformer(nn.Module):
         tokens: Int[Array, "b t"],
         segment_ids: Int[Array, "b t"] | None = None,
         positions: Int[Array, "b t"] | None = None,
-    ) -> Float[Array, "b t v"]:
+        cache: Any = None,
+        cache_index: Int[Array, ""] | None = None,
+        kv_segment_ids: Int[Array, "b s"] | None = None,
+    ) -> Any:
         c = self.config
         dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
         b, t = tokens.shape
-        index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+        offset = 0 if cache is None else cache_index
+        q_index = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32)[None], (b, t))
         segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-        positions = index if positions is None else positions
+        positions = q_index if positions is None else positions
+        kv_segment = segment_ids if cache is None else kv_segment_ids
         embedding = self.param(
             "embed_tokens", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), pdt
         )
@@ -131,26 +160,42 @@ class Transformer(nn.Module):
                                                            c.rope_parameters), dt)
         windows = jnp.asarray(c.layer_windows, jnp.int32)
         layer = _layer_class(c)
+        args = (cos, sin, segment_ids, q_index, kv_segment, cache_index)
         if c.scan_layers:
             stack = nn.scan(
                 layer,
                 variable_axes={"params": 0, "lora": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0,) + (nn.broadcast,) * len(args),
                 length=c.num_layers,
             )
-            x, _ = stack(c, self.deterministic, name="layers")(x, windows, cos, sin, segment_ids,
-                                                               index)
+            x, new_cache = stack(c, self.deterministic, name="layers")(x, (windows, cache), *args)
         else:
+            new_cache = [] if cache is not None else None
             for i in range(c.num_layers):
-                x, _ = layer(c, self.deterministic, name=f"layers_{i}")(
-                    x, windows[i], cos, sin, segment_ids, index
-                )
+                x, layer_cache = layer(c, self.deterministic, name=f"layers_{i}")(
+                    x, (windows[i], None if cache is None else cache[i]), *args)
+                if cache is not None:
+                    new_cache.append(layer_cache)
         norm = self.param("norm", nn.initializers.ones, (c.hidden_size,), pdt)
         x = rms_norm(x, norm, c.rms_norm_eps)
         if c.tie_word_embeddings:
-            return jnp.dot(x, embedding.astype(dt).T)
-        return Linear(c.vocab_size, name="lm_head", dtype=dt, param_dtype=pdt)(x, self.deterministic)
+            logits = jnp.dot(x, embedding.astype(dt).T)
+        else:
+            logits = Linear(c.vocab_size, name="lm_head", dtype=dt, param_dtype=pdt)(
+                x, self.deterministic)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int) -> Any:
+    """An empty key/value cache for ``length`` positions, in the compute dtype."""
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    dt = _dtype(config.dtype)
+    if config.scan_layers:
+        full = (config.num_layers, *shape)
+        return {"k": jnp.zeros(full, dt), "v": jnp.zeros(full, dt)}
+    return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+            for _ in range(config.num_layers)]
 
 
 def forward(
