@@ -12,6 +12,9 @@ Public API:
 - ``iter_examples(cfg, tokenizer, split)``: every example of a split, any format (preference
   pairs and KTO rows for their batchers); ``Encoder``, ``Example``, ``PairExample``,
   ``KtoExample``, ``DataStats``, ``open_split(s)``: the pieces underneath
+- ``build_preference_iterators(cfg, tokenizer, objective="pairs"|"kto", batch_pairs=B, ...)`` ->
+  (train, validation) ``PreferenceIterator``s: chosen/rejected (or KTO + KL) examples of whole
+  pairs in one fixed-shape batch with a per-token ``example_index``
 - ``load_tokenizer``, ``resolve_pad_id``; ``inspect_data`` lives in ``jaxft.data.inspect``.
 
 Nothing here imports jax or the training code; transformers is imported when first needed.
@@ -28,6 +31,7 @@ from jaxft.data.iterator import (
     open_splits,
 )
 from jaxft.data.packing import FIELDS, best_fit_decreasing, pack, pack_rows, packing_efficiency
+from jaxft.data.preference import PreferenceIterator, build_preference_iterators
 from jaxft.data.tokens import assistant_mask, load_tokenizer, resolve_pad_id, tokenize_rendered
 
 __all__ = [
@@ -39,11 +43,13 @@ __all__ = [
     "Example",
     "KtoExample",
     "PairExample",
+    "PreferenceIterator",
     "Rendered",
     "TemplateRenderer",
     "assistant_mask",
     "best_fit_decreasing",
     "build_iterators",
+    "build_preference_iterators",
     "iter_examples",
     "load_tokenizer",
     "open_split",

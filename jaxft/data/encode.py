@@ -114,6 +114,7 @@ class Encoder:
         else:
             self._render = TemplateRenderer(tokenizer, cfg.mask_method)
         self._bos, self._eos = _text_affixes(tokenizer, cfg.append_eos)
+        self._bos_id: int | None = tokenizer.bos_token_id
 
     def encode(self, rows: Sequence[Row], stats: DataStats) -> list[AnyExample]:
         """Examples for ``rows`` in order; bad rows raise or are counted in ``stats``."""
@@ -171,7 +172,10 @@ class Encoder:
             if self.cfg.overlong == "drop":
                 stats.dropped["overlong"] += 1
                 return None
-            parts = [Example(p.gid, p.ids[:seq_len], p.mask[:seq_len]) for p in parts]
+            if isinstance(row.value, (Pair, Kto)):
+                parts = fit_completions(parts, seq_len, self._bos_id)
+            else:
+                parts = [Example(p.gid, p.ids[:seq_len], p.mask[:seq_len]) for p in parts]
             if any(p.trained == 0 for p in parts):
                 stats.dropped["no_trained_token_within_seq_len"] += 1
                 return None
@@ -194,6 +198,35 @@ class Encoder:
             )
         stats.skipped[err.kind] += 1
         stats.skip_samples.setdefault(err.kind, message)
+
+
+def fit_completions(parts: Sequence[Example], seq_len: int, bos_id: int | None) -> list[Example]:
+    """Cut prompt + completion examples that share a prompt (the two sides of a preference pair,
+    a KTO example) to at most ``seq_len`` tokens: completions keep their head, the prompt its tail.
+
+    The prompt keeps ``max(seq_len - longest completion, seq_len // 2)`` tokens (all of it when
+    shorter), the same for every part so that both sides of a pair see the same context, and a
+    leading ``bos_id`` stays in front; completions get the rest. This is the split of TRL 0.x's
+    ``DPOTrainer.tokenize_row`` (``trl/trainer/dpo_trainer.py``): prompt cut from the left
+    (``truncation_mode="keep_end"``, then its default), responses cut to what is left, with the
+    prompt budget taken from ``seq_len`` rather than a ``max_prompt_length``. (TRL 1.x instead
+    cuts the end of the whole sequence and drops examples whose prompt alone fills it.) A
+    completion keeps at least ``seq_len - seq_len // 2`` tokens, so always some trained ones.
+    """
+    longest = max(len(p.ids) - p.prompt_len for p in parts)
+    budget = max(seq_len - longest, seq_len // 2)
+    out = []
+    for p in parts:
+        n = p.prompt_len
+        keep = min(n, budget)
+        # Keep a BOS the template put first: the model never saw a prompt without one.
+        head = int(keep < n and bos_id is not None and int(p.ids[0]) == bos_id)
+        start = n - (keep - head)
+        room = seq_len - keep
+        ids = np.concatenate([p.ids[:head], p.ids[start:n], p.ids[n : n + room]])
+        mask = np.concatenate([p.mask[:head], p.mask[start:n], p.mask[n : n + room]])
+        out.append(Example(p.gid, ids, mask))
+    return out
 
 
 def _text_affixes(tokenizer: Any, append_eos: bool) -> tuple[str, str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,13 +69,7 @@ class BatchIterator:
         self.row_ids = np.asarray(row_ids, dtype=np.int64)
         self.process_index, self.process_count = process_index, process_count
         self.local_batch = cfg.batch_size // process_count
-        self._state = self._initial_state()
-        self._stats = DataStats()
-        self._gen: Iterator | None = None
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue | None = None
-        self._stop = threading.Event()
-        self._done = False
+        self._feed = Prefetcher(self._produce, self._initial_state(), cfg.prefetch)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -83,61 +77,22 @@ class BatchIterator:
         return self
 
     def __next__(self) -> Batch:
-        if self._done:
-            raise StopIteration
-        if self.cfg.prefetch == 0:
-            if self._gen is None:
-                self._gen = self._produce(self._state)
-            item = next(self._gen, _END)
-        else:
-            if self._thread is None:
-                self._start()
-            item = self._queue.get()  # type: ignore[union-attr]
-        if item is _END:
-            self._done = True
-            self.close()
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._done = True
-            self.close()
-            raise item
-        batch, self._state, self._stats = item
-        return batch
+        return next(self._feed)
 
     def state(self) -> dict[str, Any]:
         """Where the iterator stands after the last batch returned (JSON-serializable)."""
+        state = self._feed.state
         return {
-            **self._state,
-            "carry": [list(b) for b in self._state["carry"]],
-            "stats": dict(self._state["stats"]),
+            **state,
+            "carry": [list(b) for b in state["carry"]],
+            "stats": dict(state["stats"]),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue after the batch at which ``state`` was taken (before iterating further)."""
         self.close()
-        expected = self._initial_state()
-        for key in (
-            "version",
-            "rows",
-            "process",
-            "batch_size",
-            "seq_len",
-            "pack",
-            "window_rows",
-            "seed",
-            "shuffle",
-        ):
-            got = state.get(key)
-            got = list(got) if isinstance(got, tuple) else got
-            if got != expected[key]:
-                raise DataError(
-                    f"the data iterator state was saved with {key}={got!r} but the "
-                    f"data now gives {key}={expected[key]!r}: resume with the same "
-                    "data files and data settings (or start a new run)"
-                )
-        self._state = {**state, "carry": [list(b) for b in state["carry"]]}
-        self._stats = _stats_from(state["stats"])
-        self._gen, self._done, self._stop = None, False, threading.Event()
+        check_state(state, self._initial_state(), _CHECKED)
+        self._feed.restart({**state, "carry": [list(b) for b in state["carry"]]})
 
     def reset(self) -> None:
         """Start again from the first batch (counters included)."""
@@ -146,14 +101,11 @@ class BatchIterator:
     @property
     def stats(self) -> DataStats:
         """Counters as of the last batch returned (rows read, skipped, truncated, ...)."""
-        return self._stats
+        return self._feed.stats
 
     def close(self) -> None:
         """Stop and join the prefetch thread; safe to call more than once."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._thread, self._queue, self._gen = None, None, None
+        self._feed.close()
 
     def __enter__(self) -> BatchIterator:
         return self
@@ -171,7 +123,7 @@ class BatchIterator:
             "window": 0,
             "emitted": 0,
             "carry": [],
-            "stats": _stats_dict(DataStats()),
+            "stats": stats_state(DataStats()),
             "rows": len(self.row_ids),
             "process": [self.process_index, self.process_count],
             "batch_size": c.batch_size,
@@ -182,40 +134,10 @@ class BatchIterator:
             "shuffle": c.shuffle,
         }
 
-    def _start(self) -> None:
-        self._stop = threading.Event()
-        self._queue = queue.Queue(maxsize=self.cfg.prefetch)
-        self._thread = threading.Thread(
-            target=self._worker,
-            name="jaxft-data-prefetch",
-            args=(self._produce(self._state), self._queue, self._stop),
-            daemon=True,
-        )
-        self._thread.start()
-
-    @staticmethod
-    def _worker(gen: Iterator, q: queue.Queue, stop: threading.Event) -> None:
-        def put(item: object) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        try:
-            for item in gen:
-                if not put(item):
-                    return
-            put(_END)
-        except BaseException as e:  # handed to the consumer, raised there
-            put(e)
-
     def _produce(self, start: dict[str, Any]) -> Iterator[tuple[Batch, dict, DataStats]]:
         epoch, window, emitted = start["epoch"], start["window"], start["emitted"]
         carry_ids = [list(b) for b in start["carry"]]
-        stats = _stats_from(start["stats"])
+        stats = stats_from_state(start["stats"])
         w, b = self.cfg.pack_window, self.local_batch
         num_epochs = self.cfg.num_epochs
         if num_epochs is None and not len(self._epoch_rows(0)):
@@ -225,7 +147,7 @@ class BatchIterator:
         while num_epochs is None or epoch < num_epochs:
             order = self._epoch_rows(epoch)
             while window * w < len(order):
-                window_stats = _stats_dict(stats)
+                window_stats = stats_state(stats)
                 carried = self._reread(carry_ids)
                 rows_read = self.table.read(order[window * w : (window + 1) * w])
                 examples: list[Example] = self.encoder.encode(rows_read, stats)  # type: ignore[assignment]
@@ -239,14 +161,11 @@ class BatchIterator:
             epoch, window = epoch + 1, 0
         if carry_ids:
             rows = self._reread(carry_ids)
-            state = self._snapshot(epoch, 0, 0, [], _stats_dict(stats))
+            state = self._snapshot(epoch, 0, 0, [], stats_state(stats))
             yield self._batch(rows), state, stats.copy()
 
     def _epoch_rows(self, epoch: int) -> np.ndarray:
-        ids = self.row_ids
-        if self.cfg.shuffle:
-            ids = ids[np.random.default_rng([self.cfg.seed, epoch]).permutation(len(ids))]
-        return ids[self.process_index :: self.process_count]
+        return epoch_rows(self.row_ids, self.cfg, epoch, self.process_index, self.process_count)
 
     def _bins(self, examples: list[Example], epoch: int, window: int) -> list[list[Example]]:
         if not self.cfg.pack:
@@ -259,10 +178,7 @@ class BatchIterator:
 
     def _reread(self, carry_ids: list[list[int]]) -> list[list[Example]]:
         """Rebuild carried rows from their row ids (they were valid when first encoded)."""
-        flat = [gid for row in carry_ids for gid in row]
-        if not flat:
-            return []
-        by_gid = {ex.gid: ex for ex in self.encoder.encode(self.table.read(flat), DataStats())}
+        by_gid = reread(self.table, self.encoder, [gid for row in carry_ids for gid in row])
         return [[by_gid[gid] for gid in row] for row in carry_ids]  # type: ignore[misc]
 
     def _batch(self, rows: Sequence[list[Example]]) -> Batch:
@@ -288,13 +204,150 @@ class BatchIterator:
         }
 
 
-def _stats_dict(stats: DataStats) -> dict[str, Any]:
+_CHECKED = (
+    "version",
+    "rows",
+    "process",
+    "batch_size",
+    "seq_len",
+    "pack",
+    "window_rows",
+    "seed",
+    "shuffle",
+)
+
+# -- shared with the preference batcher (jaxft.data.preference) --------------------------------
+
+Produced = tuple[dict[str, np.ndarray], dict[str, Any], DataStats]
+
+
+class Prefetcher:
+    """Hands out the batches of ``produce(state)``, a generator of ``(batch, state after it,
+    stats after it)``, and keeps the state and stats of the last batch handed out.
+
+    With ``depth`` 0 the generator runs on the caller's thread; otherwise a background thread
+    keeps up to ``depth`` batches ready. An exception raised while producing reaches the caller
+    at the batch where it happened; the thread is stopped and joined by ``close()``.
+    """
+
+    def __init__(
+        self, produce: Callable[[dict[str, Any]], Iterator[Produced]], state: dict, depth: int
+    ) -> None:
+        self._produce, self._depth = produce, depth
+        self.state, self.stats = state, stats_from_state(state["stats"])
+        self._gen: Iterator | None = None
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._done = False
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._done:
+            raise StopIteration
+        if self._depth == 0:
+            if self._gen is None:
+                self._gen = self._produce(self.state)
+            item = next(self._gen, _END)
+        else:
+            if self._thread is None:
+                self._start()
+            item = self._queue.get()  # type: ignore[union-attr]
+        if item is _END:
+            self._done = True
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            self.close()
+            raise item
+        batch, self.state, self.stats = item
+        return batch
+
+    def restart(self, state: dict[str, Any]) -> None:
+        """Produce from ``state`` on (the next batch is the one after it)."""
+        self.close()
+        self.state, self.stats = state, stats_from_state(state["stats"])
+        self._done, self._stop = False, threading.Event()
+
+    def close(self) -> None:
+        """Stop and join the prefetch thread; safe to call more than once."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._thread, self._queue, self._gen = None, None, None
+
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self._depth)
+        self._thread = threading.Thread(
+            target=self._worker,
+            name="jaxft-data-prefetch",
+            args=(self._produce(self.state), self._queue, self._stop),
+            daemon=True,
+        )
+        self._thread.start()
+
+    @staticmethod
+    def _worker(gen: Iterator, q: queue.Queue, stop: threading.Event) -> None:
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            for item in gen:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+
+
+def check_state(state: dict[str, Any], expected: dict[str, Any], keys: Sequence[str]) -> None:
+    """Raise ``DataError`` naming the first of ``keys`` where a saved iterator state differs
+    from what the data and settings give now."""
+    for key in keys:
+        got = state.get(key)
+        got = list(got) if isinstance(got, tuple) else got
+        if got != expected[key]:
+            raise DataError(
+                f"the data iterator state was saved with {key}={got!r} but the "
+                f"data now gives {key}={expected[key]!r}: resume with the same "
+                "data files and data settings (or start a new run)"
+            )
+
+
+def epoch_rows(
+    row_ids: np.ndarray, cfg: DataConfig, epoch: int, process_index: int, process_count: int
+) -> np.ndarray:
+    """The row ids process ``process_index`` reads in ``epoch``: every ``process_count``-th
+    row of the split's order for that epoch (permuted from ``(seed, epoch)`` when shuffling)."""
+    ids = row_ids
+    if cfg.shuffle:
+        ids = ids[np.random.default_rng([cfg.seed, epoch]).permutation(len(ids))]
+    return ids[process_index::process_count]
+
+
+def reread(table: RowTable, encoder: Encoder, gids: Sequence[int]) -> dict[int, AnyExample]:
+    """Examples of rows already encoded once (carried over a window), by row id; the counters
+    are not touched (the rows were counted when first read)."""
+    if not len(gids):
+        return {}
+    return {ex.gid: ex for ex in encoder.encode(table.read(list(gids)), DataStats())}
+
+
+def stats_state(stats: DataStats) -> dict[str, Any]:
+    """Counters as they go into an iterator state (JSON, without the sample messages)."""
     d = stats.to_dict()
     d.pop("skip_samples")
     return d
 
 
-def _stats_from(d: dict[str, Any]) -> DataStats:
+def stats_from_state(d: dict[str, Any]) -> DataStats:
     return DataStats(
         d["rows"],
         d["examples"],

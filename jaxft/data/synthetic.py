@@ -7,7 +7,7 @@ byte-level BPE trained on them with ``tokenizers``, with ChatML and Llama-3 spec
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 CHATML_TEMPLATE = (
@@ -96,11 +96,16 @@ def synthetic_chats(
 def tiny_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Any:
     """A byte-level BPE ``PreTrainedTokenizerFast`` with ChatML (the default chat template),
     Llama-3 header tokens, EOS ``<|im_end|>`` and pad ``<pad>``."""
+    words = Words(seed)
+    corpus = [words.passage(words.rng.randint(5, 40)) for _ in range(3000)]
+    return train_bpe_tokenizer(corpus, vocab_size)
+
+
+def train_bpe_tokenizer(corpus: Iterable[str], vocab_size: int) -> Any:
+    """Train a byte-level BPE on ``corpus`` (with the ChatML/Llama-3 special tokens above)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = Words(seed)
-    corpus = [words.passage(words.rng.randint(5, 40)) for _ in range(3000)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
