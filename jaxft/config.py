@@ -120,7 +120,10 @@ class TrainSection(Section):
     early_stopping_patience: int = Field(default=0, ge=0)  # 0 = off
     early_stopping_min_delta: float = 0.0
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    beta: float = 0.1  # preference objectives
+    beta: float = Field(default=0.1, gt=0)  # preference objectives (DPO/IPO/hinge/KTO/ORPO/SimPO)
+    simpo_gamma: float = 0.5
+    kto_desirable_weight: float = Field(default=1.0, gt=0)
+    kto_undesirable_weight: float = Field(default=1.0, gt=0)
     profile: bool = False
 
 

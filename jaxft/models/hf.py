@@ -10,6 +10,7 @@ executes code from a checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -114,11 +115,14 @@ def load_hf(
     _check_names(root, config, table, tensors)
     abstract = abstract_params(config)
     pdt = np_dtype(dtype)
-    quantize = _quantizer(block_size, double_quant) if quant == "nf4" else None
-    stacked: dict[tuple[str, ...], Any] = {}
+    quantize = _quantizer(block_size, double_quant, pdt) if quant == "nf4" else None
     params: dict[str, Any] = {}
+    # Scanned layers: one preallocated host buffer per parameter, [num_layers, ...], filled layer
+    # by layer and handed to the device once its last layer is in.
+    stacks: dict[tuple[str, ...], Any] = {}
+    filled: dict[tuple[str, ...], int] = {}
     for entry in table:
-        f = tensors[entry.hf_name]
+        f = tensors.pop(entry.hf_name)  # a shard is unmapped once its last tensor is read
         arr = f.get(entry.hf_name)
         want = _expected_hf_shape(abstract, entry, scan_layers)
         if tuple(arr.shape) != want:
@@ -126,33 +130,55 @@ def load_hf(
                 f"{f.path}: tensor {entry.hf_name} has shape {list(arr.shape)}, but "
                 f"{root / 'config.json'} implies {list(want)}: the config does not match the weights"
             )
+        path = entry.param_path(scan_layers)
         if quantize is not None and entry.is_linear_weight:
-            value: Any = jax.tree.map(np.asarray, quantize(arr, pdt))
+            value: Any = quantize(arr)  # an NF4Weight on the device
         else:
-            value = np.asarray(arr.T if entry.transpose else arr).astype(pdt, copy=True)
+            value = arr.T if entry.transpose else arr  # a view of the file, cast when copied
         if entry.layer is None or not scan_layers:
-            _set(params, entry.param_path(scan_layers), value)
-        else:
-            stacked.setdefault(entry.param_path(True), [None] * config.num_layers)[entry.layer] = value
-    for p, per_layer in stacked.items():
-        if isinstance(per_layer[0], NF4Weight):
-            value = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-        else:
-            value = np.stack(per_layer)
-        per_layer.clear()
-        _set(params, p, value)
-    return config, jax.tree.map(jnp.asarray, params)
+            if not isinstance(value, NF4Weight):
+                buf = _host_empty(value.shape, pdt)
+                buf[...] = value  # the one copy out of the file, cast to the parameter dtype
+                value = jax.device_put(buf, may_alias=True)
+            _set(params, path, value)
+            continue
+        if path not in stacks:
+            stacks[path] = _host_stack(value, config.num_layers, pdt)
+        for buf, x in zip(jax.tree.leaves(stacks[path]), jax.tree.leaves(value)):
+            buf[entry.layer] = x
+        filled[path] = filled.get(path, 0) + 1
+        if filled[path] == config.num_layers:
+            _set(params, path, jax.device_put(stacks.pop(path), may_alias=True))
+    return config, params
 
 
-def _quantizer(block_size: int, double_quant: bool) -> Callable[[Any, np.dtype], NF4Weight]:
-    fn = jax.jit(lambda w: nf4_quantize(w, block_size=block_size, double_quant=double_quant))
+def _host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised 64-byte-aligned host array.
 
-    def quantize(w_oi: Any, pdt: np.dtype) -> NF4Weight:
-        # Quantize the [out, in] weight in the parameter dtype, as bitsandbytes quantizes the
-        # weight it loaded.
-        return fn(jnp.asarray(w_oi).astype(jnp.dtype(pdt)))
+    The CPU backend adopts such a buffer on ``device_put(..., may_alias=True)`` instead of copying
+    it (numpy's own large allocations sit 16 bytes past a page boundary, which it copies), so a
+    parameter is built in place; other backends copy it to the device as usual.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
-    return quantize
+
+def _host_stack(value: Any, num_layers: int, pdt: np.dtype) -> Any:
+    """Host buffers for ``num_layers`` stacked copies of ``value`` (an NF4Weight or a dense view)."""
+    if isinstance(value, NF4Weight):
+        return jax.tree.map(lambda x: _host_empty((num_layers, *x.shape), np.dtype(x.dtype)),
+                            value)
+    return _host_empty((num_layers, *value.shape), pdt)
+
+
+def _quantizer(block_size: int, double_quant: bool, pdt: np.dtype) -> Callable[[Any], NF4Weight]:
+    """HF ``[out, in]`` weight -> NF4Weight, quantized in the parameter dtype as bitsandbytes
+    quantizes the weight it loaded; the cast happens inside the jitted function."""
+    fn = jax.jit(lambda w: nf4_quantize(w.astype(pdt), block_size=block_size,
+                                        double_quant=double_quant))
+    return lambda w_oi: fn(jax.device_put(np.ascontiguousarray(w_oi)))
 
 
 def _check_names(

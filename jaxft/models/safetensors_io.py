@@ -48,7 +48,6 @@ class SafetensorsFile:
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._header = header
         self._start = 8 + n
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -63,11 +62,15 @@ class SafetensorsFile:
         return _DTYPES[name]
 
     def get(self, key: str) -> np.ndarray:
-        """The tensor as a read-only numpy view of the memory-mapped file (no copy)."""
+        """The tensor as a read-only numpy array memory-mapped on its own (no copy): its pages
+        are released with the array, so a loader holds at most the tensors it still uses."""
         info = self._header[key]
         begin, end = info["data_offsets"]
-        raw = self._mm[self._start + begin : self._start + end]
-        return raw.view(self.dtype(key)).reshape(info["shape"])
+        shape = tuple(info["shape"])
+        if end == begin:
+            return np.zeros(shape, self.dtype(key))
+        return np.memmap(self.path, dtype=self.dtype(key), mode="r",
+                         offset=self._start + begin, shape=shape)
 
 
 def save_file(

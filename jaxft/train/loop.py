@@ -28,7 +28,8 @@ from jaxft.train.checkpoint import RunCheckpoints, abstract_with_shardings
 from jaxft.train.metrics import MetricsWriter, plot_run
 from jaxft.train.perf import flops_per_token, peak_flops
 from jaxft.train.sharding import batch_sharding, make_mesh, tree_shardings
-from jaxft.train.step import make_eval_step, make_step, sft_loss_fn
+from jaxft.train.objectives import REFERENCE_FREE, objective_loss_fn
+from jaxft.train.step import make_eval_step, make_step
 
 BatchHook = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -71,19 +72,41 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _loss_fn(cfg: Config, config: Any) -> Any:
-    if cfg.train.objective != "sft":
-        raise ConfigError(f"train.objective={cfg.train.objective!r} is not available yet; use sft")
-    dropout = cfg.train.method == "lora" and cfg.lora.dropout > 0
-    return sft_loss_fn(config, cfg.train.method, cfg.optim.z_loss, dropout)
+def _build_data(cfg: Config, tokenizer: Any) -> tuple[Any, Any, int | None]:
+    """Train/validation iterators and, for preference objectives, examples per micro-batch."""
+    from jaxft.data import build_iterators, build_preference_iterators
+
+    kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if cfg.train.objective == "sft":
+        return (*build_iterators(cfg.data, tokenizer, **kw), None)
+    pairs = cfg.data.batch_size // cfg.train.grad_accum
+    kind = "kto" if cfg.train.objective == "kto" else "pairs"
+    train_it, val_it = build_preference_iterators(cfg.data, tokenizer, objective=kind,
+                                                  batch_pairs=pairs, **kw)
+    return train_it, val_it, 2 * pairs
 
 
-def _to_global(batch: dict[str, np.ndarray], sharding: Any, accum: int) -> dict[str, jax.Array]:
-    """Process-local rows ``[b, s]`` -> global ``[accum, micro, s]`` arrays split over devices."""
+def _next_batch(it: Any, accum: int, stacked: bool) -> dict[str, np.ndarray] | None:
+    """The next step's data: one batch split into ``accum`` micro-batches (SFT), or ``accum``
+    whole batches stacked (preference objectives: a pair never straddles micro-batches)."""
+    if not stacked:
+        batch = next(it, None)
+        if batch is None:
+            return None
+        return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
+    parts = [next(it, None) for _ in range(accum)]
+    if any(p is None for p in parts):
+        return None
+    return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+
+def _to_global(batch: dict[str, np.ndarray], mesh: Any, rules: dict,
+               batch_axis: int) -> dict[str, jax.Array]:
+    """Process-local arrays -> global arrays whose rows (``batch_axis``) are split over devices."""
     out = {}
     for k, v in batch.items():
-        local = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
-        out[k] = jax.make_array_from_process_local_data(sharding, local)
+        sharding = batch_sharding(mesh, rules, ndim=v.ndim, batch_axis=batch_axis)
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
 
 
@@ -94,30 +117,33 @@ def _all_processes_have(flag: bool) -> bool:
 
 
 def _evaluate(eval_step: Any, state: dict, frozen: Any, val_iter: Any, start_state: dict,
-              sharding: Any) -> float:
-    """Validation loss over the whole validation split: sum of token NLL / token count."""
+              mesh: Any, rules: dict) -> dict[str, float]:
+    """Validation metrics over the whole split: every summed output divided by the summed
+    ``tokens`` (token NLL for SFT; per-pair means for preference objectives)."""
     val_iter.restore(start_state)
     local = list(val_iter)
     count = len(local)
     if jax.process_count() > 1:  # every process must run the same number of batches
         count = int(np.max(multihost_utils.process_allgather(np.asarray(count))))
     if not local:
-        return float("nan")
+        return {"val_loss": float("nan")}
     empty = {k: np.zeros_like(v) for k, v in local[0].items()}
-    total, tokens = 0.0, 0.0
+    sums: dict[str, float] = {}
     for i in range(count):
-        batch = local[i] if i < len(local) else empty
-        gb = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-        out = eval_step(state["trainable"], frozen, gb)
-        total += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    return total / max(tokens, 1.0)
+        batch = _to_global(local[i] if i < len(local) else empty, mesh, rules, 0)
+        out = jax.device_get(eval_step(state["trainable"], frozen, batch))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    n = max(sums.pop("tokens", 0.0), 1.0)
+    result = {"val_loss": sums.pop("loss_sum") / n}
+    result.update({f"val_{k}": v / n for k, v in sums.items()})
+    return result
 
 
 def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = None,
           verbose: bool = True) -> TrainResult:
     """Run (or resume) the training described by ``cfg``; see the module docstring."""
-    from jaxft.data import build_iterators, load_tokenizer
+    from jaxft.data import load_tokenizer
 
     t_start = time.perf_counter()
     run_dir = Path(cfg.train.output_dir)
@@ -132,8 +158,8 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                           f"train.grad_accum x processes = {accum * jax.process_count()}")
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    train_iter, val_iter = build_iterators(cfg.data, tokenizer, process_index=jax.process_index(),
-                                           process_count=jax.process_count())
+    train_iter, val_iter, num_examples = _build_data(cfg, tokenizer)
+    preference = num_examples is not None
     config, params = setup.load_model(cfg)
     plan_mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = dict(cfg.mesh.rules)
@@ -144,6 +170,8 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
 
     rng = jax.random.PRNGKey(cfg.train.seed)
     trainable, frozen = setup.split_trainable(cfg, config, params, jax.random.fold_in(rng, 1))
+    if preference and cfg.train.method == "full" and cfg.train.objective not in REFERENCE_FREE:
+        frozen = params  # the reference: a frozen copy of the initial weights
     del params
     tx, schedule = setup.make_tx(cfg)
     frozen_sh = tree_shardings(frozen, rules, plan_mesh)
@@ -154,15 +182,13 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                     out_shardings=state_sh)(trainable)
     del trainable
 
-    loss_fn = _loss_fn(cfg, config)
-    batch_sh = batch_sharding(plan_mesh, rules, ndim=3, batch_axis=1)
-    eval_sh = batch_sharding(plan_mesh, rules, ndim=2, batch_axis=0)
+    loss_fn = objective_loss_fn(cfg, config, num_examples)
     replicated = jax.sharding.NamedSharding(plan_mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(make_step(loss_fn, tx, schedule),
-                      in_shardings=(state_sh, frozen_sh, batch_sh),
+                      in_shardings=(state_sh, frozen_sh, None),
                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
     eval_fn = jax.jit(make_eval_step(loss_fn), in_shardings=(state_sh["trainable"], frozen_sh,
-                                                             eval_sh))
+                                                             None))
 
     ckpts = RunCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
     meta: dict[str, Any] = {"best_val_loss": None, "best_step": None, "bad_evals": 0,
@@ -190,7 +216,7 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
     with _Preemption() as preempt:
         try:
             while step < cfg.train.steps:
-                batch = next(train_iter, None)
+                batch = _next_batch(train_iter, accum, preference)
                 if not _all_processes_have(batch is not None):
                     status = "data_exhausted"
                     say(f"\nthe data ran out after {step} steps (data.num_epochs="
@@ -198,7 +224,7 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                     break
                 if batch_hook is not None:
                     batch = batch_hook(step, batch)
-                state, metrics = step_fn(state, frozen, _to_global(batch, batch_sh, accum))
+                state, metrics = step_fn(state, frozen, _to_global(batch, plan_mesh, rules, 1))
                 m = jax.device_get(metrics)
                 step += 1
                 now = time.perf_counter()
@@ -212,7 +238,8 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                         raise TrainingError(f"{msg}; stopping ({where}). Lower optim.lr, check "
                                             "the data, or set train.on_nonfinite=skip.")
                     say(f"\n{msg}; update skipped (train.on_nonfinite=skip)")
-                tokens = int(m["tokens"]) if np.isfinite(m["tokens"]) else 0
+                tokens = int(batch["loss_mask"].sum()) * jax.process_count() if preference \
+                    else (int(m["tokens"]) if np.isfinite(m["tokens"]) else 0)
                 meta["tokens"] = int(meta["tokens"]) + tokens
                 dt = now - t_prev
                 t_prev = now
@@ -220,6 +247,8 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                 record = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
                           "grad_norm": float(m["grad_norm"]), "tokens": tokens,
                           "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak if peak else None}
+                record.update({k: float(v) for k, v in m.items()
+                               if k not in ("loss", "lr", "grad_norm", "tokens", "finite")})
                 losses.append(float(m["loss"]))
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     writer.write(record)
@@ -232,8 +261,10 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                 improved, stop_early = False, False
                 if val_iter is not None and ((cfg.train.eval_every and
                                               step % cfg.train.eval_every == 0) or last_step):
-                    val = _evaluate(eval_fn, state, frozen, val_iter, val_start, eval_sh)
-                    writer.write({"step": step, "val_loss": val})
+                    val_metrics = _evaluate(eval_fn, state, frozen, val_iter, val_start,
+                                            plan_mesh, rules)
+                    val = val_metrics["val_loss"]
+                    writer.write({"step": step, **val_metrics})
                     best = meta["best_val_loss"]
                     if best is None or val < best - cfg.train.early_stopping_min_delta:
                         meta.update(best_val_loss=val, best_step=step, bad_evals=0)

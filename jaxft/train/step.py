@@ -61,8 +61,11 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         aux0 = jax.eval_shape(lambda: loss_fn(trainable, frozen, jax.tree.map(lambda x: x[0], batch),
                                               rng)[1])
         aux0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux0)
-        (g, total, aux), _ = jax.lax.scan(body, (zeros, jnp.float32(0), aux0),
-                                          (batch, jnp.arange(accum)))
+        carry0 = (zeros, jnp.float32(0), aux0)
+        if accum == 1:  # no loop: the step's buffers are not nested in a while loop
+            g, total, aux = body(carry0, (jax.tree.map(lambda x: x[0], batch), 0))[0]
+        else:
+            (g, total, aux), _ = jax.lax.scan(body, carry0, (batch, jnp.arange(accum)))
         denom = jnp.maximum(aux["tokens"], 1.0)
         grads = jax.tree.map(lambda x, p: (x / denom).astype(p.dtype), g, trainable)
         loss = total / denom
@@ -77,7 +80,9 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation,
             "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
             "rng": state["rng"],
         }
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+        # aux entries other than the normaliser are sums too: divide them the same way.
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                   **{k: (v if k == "tokens" else v / denom) for k, v in aux.items()}}
         if schedule is not None:
             metrics["lr"] = schedule(state["step"])
         return new_state, metrics
@@ -90,7 +95,7 @@ def make_eval_step(loss_fn: LossFn) -> Callable[..., dict[str, jax.Array]]:
 
     def eval_step(trainable: Any, frozen: Any, batch: Batch) -> dict[str, jax.Array]:
         total, aux = loss_fn(trainable, frozen, batch, None)
-        return {"loss_sum": total, **aux}
+        return {"loss_sum": total, **aux}  # sums: divide by the summed aux['tokens']
 
     return eval_step
 

@@ -137,15 +137,23 @@ def test_skip_nonfinite_goes_on(tmp_path, inputs):
 
 
 def test_early_stopping_and_best_checkpoint(tmp_path, inputs):
-    # A learning rate this high makes validation loss worse after the first evaluations.
-    cfg = _cfg(tmp_path, inputs, "train.steps=60", "train.eval_every=2",
-               "train.early_stopping_patience=2", "optim.lr=0.5", "optim.clip_norm=null",
-               "optim.warmup_steps=0")
+    # Validation answers contradict the training answers: once the model memorises the training
+    # rows, validation loss rises, and early stopping must end the run at the best point.
+    rows = [json.loads(line) for line in Path(inputs["train"]).read_text().splitlines()]
+    val = tmp_path / "contradicting.jsonl"
+    with open(val, "w") as f:
+        for row in rows:
+            b, a, _ = row["messages"][1]["content"].split()  # answers are "b a b"
+            row["messages"][1]["content"] = f"{a} {b} {a}"
+            f.write(json.dumps(row) + "\n")
+    cfg = _cfg(tmp_path, inputs, "train.steps=120", "train.eval_every=5",
+               "train.early_stopping_patience=2", "optim.lr=1e-2", "optim.warmup_steps=2",
+               f"data.validation={val}")
     result = train(cfg, progress=False, verbose=False)
-    assert result.status == "early_stopped" and result.steps < 60
+    assert result.status == "early_stopped" and result.steps < 120
     vals = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
             if "val_loss" in r]
-    assert result.best_val_loss == min(vals)
+    assert result.best_val_loss == min(vals) and vals[-1] > min(vals)
     best = [int(p.name) for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()]
     assert best == [result.best_step]
 
