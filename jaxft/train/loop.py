@@ -25,7 +25,7 @@ from jaxft.config import Config, save_config
 from jaxft.errors import ConfigError, JaxftError
 from jaxft.train import setup
 from jaxft.train.checkpoint import RunCheckpoints, abstract_with_shardings
-from jaxft.train.metrics import MetricsWriter, plot_run
+from jaxft.train.metrics import MetricsWriter, plot_preference, plot_run
 from jaxft.train.perf import flops_per_token, peak_flops
 from jaxft.train.sharding import batch_sharding, make_mesh, tree_shardings
 from jaxft.train.objectives import REFERENCE_FREE, objective_loss_fn
@@ -215,6 +215,10 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
     t_prev = time.perf_counter()
     with _Preemption() as preempt:
         try:
+            if val_iter is not None and cfg.train.eval_every and start == 0:
+                # where the run starts from: informational, not a candidate for "best"
+                writer.write({"step": 0, **_evaluate(eval_fn, state, frozen, val_iter,
+                                                     val_start, plan_mesh, rules)})
             while step < cfg.train.steps:
                 batch = _next_batch(train_iter, accum, preference)
                 if not _all_processes_have(batch is not None):
@@ -303,6 +307,9 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                 bar.close()
     plot = plot_run(run_dir / "metrics.jsonl", run_dir / "loss.png",
                     title=f"{cfg.train.method} {cfg.train.objective}") if lead else None
+    if lead and preference:
+        plot_preference(run_dir / "metrics.jsonl", run_dir / "preference.png",
+                        title=f"{cfg.train.objective} (beta={cfg.train.beta})")
     result = TrainResult(run_dir=run_dir, status=status, steps=step, tokens=int(meta["tokens"]),
                          seconds=time.perf_counter() - t_start, losses=losses,
                          best_val_loss=meta["best_val_loss"], best_step=meta["best_step"],

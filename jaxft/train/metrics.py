@@ -93,3 +93,45 @@ def plot_run(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def plot_preference(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
+    """Rewards of chosen and rejected completions and their margin (train and validation), and
+    preference accuracy, against step: what a DPO-family run is learning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    series = {k: [(r["step"], r[k]) for r in records if k in r] for k in (
+        "rewards/chosen", "rewards/rejected", "rewards/margins", "val_rewards/margins",
+        "rewards/accuracies", "val_rewards/accuracies", "val_policy_accuracy", "kl_ref")}
+    if not series["rewards/margins"]:
+        return None
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    styles = {"rewards/chosen": ("tab:green", "-"), "rewards/rejected": ("tab:red", "-"),
+              "rewards/margins": ("tab:blue", "-"), "val_rewards/margins": ("tab:blue", "o--")}
+    for key, (color, style) in styles.items():
+        if series[key]:
+            ax.plot(*zip(*series[key]), style, color=color, lw=1.2, label=key)
+    ax.axhline(0, color="gray", lw=0.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("implicit reward  beta * (log p - log p_ref)")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    for key, color in (("rewards/accuracies", "tab:blue"), ("val_rewards/accuracies", "tab:orange"),
+                       ("val_policy_accuracy", "tab:purple")):
+        if series[key]:
+            ax2.plot(*zip(*series[key]), "o-" if key.startswith("val") else "-", color=color,
+                     lw=1.2, label=key)
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("preference accuracy")
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="lower right")
+    fig.suptitle(title or "preference training")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
