@@ -79,12 +79,16 @@ ACTIONS: dict[str, tuple[list[str], dict[str, str]]] = {
 }
 
 
-def instruction(rng: random.Random) -> tuple[list[dict[str, str]], dict[str, Any]]:
+GREETINGS = ["Hi there! ", "Good morning! ", "Hello, hope you are well. "]
+
+
+def instruction(rng: random.Random, greeting: bool = False,
+                ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """One request (system + user messages) and its JSON answer object."""
     action = rng.choice(sorted(ACTIONS))
     phrasings, fields = ACTIONS[action]
     v = _ids(rng)
-    request = rng.choice(phrasings).format(**v)
+    request = (rng.choice(GREETINGS) if greeting else "") + rng.choice(phrasings).format(**v)
     answer: dict[str, Any] = {"action": action}
     for key, template in fields.items():
         value = template.format(**v)
@@ -153,24 +157,37 @@ def schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "oneOf": variants}
 
 
-def build(seed: int, n_prose: int, n_train: int, n_heldout: int) -> dict[str, list[dict]]:
-    """All quickstart rows: prose chats, SFT rows, held-out prompts, preference pairs."""
+def build(seed: int, n_prose: int, n_train: int, n_heldout: int,
+          greeting_rate: float = 0.1) -> dict[str, list[dict]]:
+    """All quickstart rows: prose chats, SFT rows, held-out prompts, preference pairs.
+
+    Like logs of a real assistant, the SFT answers to requests that open with a greeting (a
+    ``greeting_rate`` share) wrap the JSON in friendly filler: the SFT model learns that habit,
+    and the preference pairs (bare JSON chosen over the same JSON with filler) let a DPO stage
+    remove it.
+    """
     rng = random.Random(seed)
     prose = [{"messages": prose_conversation(rng)} for _ in range(n_prose)]
-    sft, heldout, pairs = [], [], []
+    sft, heldout, pairs, heldout_pairs = [], [], [], []
     seen: set[str] = set()
     while len(sft) + len(heldout) < n_train + n_heldout:
-        messages, answer = instruction(rng)
+        greeting = rng.random() < greeting_rate
+        messages, answer = instruction(rng, greeting)
         key = messages[1]["content"]
         if key in seen:
             continue
         seen.add(key)
+        pair = {"prompt": messages, "chosen": dumps(answer), "rejected": with_filler(rng, answer)}
         if len(heldout) < n_heldout:
             heldout.append({"messages": messages, "expected": answer})
-            pairs.append({"prompt": messages, "chosen": dumps(answer),
-                          "rejected": with_filler(rng, answer), "split": "validation"})
-        else:
-            sft.append({"messages": messages + [{"role": "assistant", "content": dumps(answer)}]})
-            pairs.append({"prompt": messages, "chosen": dumps(answer),
-                          "rejected": with_filler(rng, answer), "split": "train"})
-    return {"prose": prose, "sft": sft, "heldout": heldout, "pairs": pairs}
+            heldout_pairs.append(pair)
+            continue
+        reply = with_filler(rng, answer) if greeting else dumps(answer)
+        sft.append({"messages": messages + [{"role": "assistant", "content": reply}]})
+        pairs.append((greeting, pair))
+    # A targeted preference set, as one collects where the behaviour shows: every greeting
+    # request, and as many plain ones (so the model keeps answering those with bare JSON).
+    greeted = [pr for g, pr in pairs if g]
+    plain = [pr for g, pr in pairs if not g][: len(greeted)]
+    return {"prose": prose, "sft": sft, "heldout": heldout, "pairs": greeted + plain,
+            "heldout_pairs": heldout_pairs}

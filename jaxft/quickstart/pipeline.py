@@ -6,8 +6,12 @@ Stages (each writes under the output directory):
   3. base       a tiny Llama-architecture model, full fine-tuning on the prose (it learns to chat
                 and answers requests in friendly prose: the "before" model)
   4. before     JSON validity of the base on held-out requests
-  5. sft        LoRA SFT on the instruction set; PEFT adapter and merged HF exports
+  5. sft        LoRA SFT on the instruction set (some answers carry filler, as real logs do);
+                PEFT adapter and merged HF exports
   6. after      JSON validity again
+  7. dpo        DPO (LoRA on the merged SFT model; the reference is that model with the adapter
+                off) on pairs preferring bare JSON over the same JSON wrapped in filler
+  8. after-dpo  JSON validity and filler rate again; held-out preference accuracy
 """
 
 from __future__ import annotations
@@ -40,8 +44,12 @@ class Preset:
     n_prose: int
     n_train: int
     n_heldout: int
+    dpo_steps: int = 40
     base_lr: float = 3e-3
     sft_lr: float = 1e-2
+    dpo_lr: float = 1e-3
+    dpo_beta: float = 0.1
+    dpo_sft_weight: float = 1.0  # RPO: keeps the chosen JSON likely (plain DPO degrades it here)
     lora_r: int = 16
 
 
@@ -49,6 +57,10 @@ PRESETS = {
     "tiny": Preset(vocab_size=768, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=352,
                    seq_len=128, batch=16, base_steps=300, sft_steps=300, n_prose=1000,
                    n_train=400, n_heldout=48),
+    # For tests of the pipeline's plumbing (no quality expected).
+    "smoke": Preset(vocab_size=400, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
+                    seq_len=128, batch=4, base_steps=3, sft_steps=3, n_prose=60, n_train=40,
+                    n_heldout=4, dpo_steps=2),
     "small": Preset(vocab_size=2048, hidden=256, layers=6, heads=8, kv_heads=4, intermediate=704,
                     seq_len=512, batch=16, base_steps=400, sft_steps=300, n_prose=3000,
                     n_train=1500, n_heldout=100, base_lr=1e-3, sft_lr=1e-3),
@@ -83,6 +95,7 @@ def _train_config(model: Path, run_dir: Path, data: dict, p: Preset, **sections:
                  "num_epochs": None, "seed": 0, **data},
         "optim": {"warmup_ratio": 0.05, "clip_norm": 1.0},
         "train": {"output_dir": str(run_dir), "log_every": 1},
+        "export": {"dtype": "float32"},  # a tiny model: keep the exports exact
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
@@ -122,6 +135,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", preset: str = "tiny", se
         "prose": _write_jsonl(d / "prose.jsonl", rows["prose"]),
         "sft": _write_jsonl(d / "sft_train.jsonl", rows["sft"]),
         "heldout": _write_jsonl(d / "heldout_prompts.jsonl", rows["heldout"]),
+        "pairs": _write_jsonl(d / "pairs_train.jsonl", rows["pairs"]),
+        "heldout_pairs": _write_jsonl(d / "pairs_heldout.jsonl", rows["heldout_pairs"]),
     }
     (d / "schema.json").write_text(json.dumps(corpus.schema(), indent=2))
     print(f"{len(rows['prose'])} prose chats, {len(rows['sft'])} instruction rows, "
@@ -176,18 +191,48 @@ def run_quickstart(out: str | Path = "runs/quickstart", preset: str = "tiny", se
     after = json_eval(base_config, base_params, tok, files["heldout"], out / "eval" / "after",
                       lora=lora, schema_path=schema_path, sampling=sampling, tag="json")
     print(json.dumps(after))
+
+    stage("dpo")
+    merged_config, merged_params = load_hf(merged)
+    dpo_cfg = _train_config(merged, out / "runs" / "dpo",
+                            {"train": str(files["pairs"]), "validation": str(files["heldout_pairs"]),
+                             "pack": False}, p,
+                            train={"method": "lora", "objective": "dpo", "beta": p.dpo_beta,
+                                   "dpo_sft_weight": p.dpo_sft_weight, "steps": p.dpo_steps,
+                                   "eval_every": max(p.dpo_steps // 2, 1)},
+                            lora={"r": p.lora_r, "alpha": 2 * p.lora_r},
+                            optim={"lr": p.dpo_lr})
+    dpo_run = train(dpo_cfg, progress=progress)
+    from jaxft.train.metrics import read_metrics
+
+    vals = [r for r in read_metrics(out / "runs" / "dpo" / "metrics.jsonl") if "val_loss" in r]
+    pref = {"reward_accuracy_before": vals[0]["val_rewards/accuracies"],
+            "reward_accuracy_after": vals[-1]["val_rewards/accuracies"],
+            "margin_after": vals[-1]["val_rewards/margins"],
+            "policy_accuracy_before": vals[0]["val_policy_accuracy"],
+            "policy_accuracy_after": vals[-1]["val_policy_accuracy"]}
+    dpo_adapter = export_run(out / "runs" / "dpo", "peft", out / "adapter-dpo", verbose=False)
+
+    stage("after-dpo")
+    _, _, _, dpo_lora, _ = restore_trained(out / "runs" / "dpo")
+    after_dpo = json_eval(merged_config, merged_params, tok, files["heldout"],
+                          out / "eval" / "after-dpo", lora=dpo_lora, schema_path=schema_path,
+                          sampling=sampling, tag="json")
+    print(json.dumps(after_dpo))
     total = time.perf_counter() - t0
     summary = {
         "preset": preset, "seconds": round(total, 1),
         "base": {"steps": base_run.steps, "final_loss": base_run.losses[-1]},
         "sft": {"steps": sft_run.steps, "final_loss": sft_run.losses[-1],
                 "best_val_loss": sft_run.best_val_loss},
-        "json_before": before, "json_after": after,
+        "dpo": {"steps": dpo_run.steps, "final_loss": dpo_run.losses[-1], **pref},
+        "json_before": before, "json_after": after, "json_after_dpo": after_dpo,
         "paths": {"tokenizer": str(out / "tokenizer"), "base": str(out / "base"),
                   "adapter": str(adapter), "merged": str(merged),
-                  "sft_run": str(out / "runs" / "sft"),
-                  "loss_plot": str(out / "runs" / "sft" / "loss.png"),
-                  "samples": str(out / "eval" / "after" / "json_samples.jsonl")},
+                  "dpo_adapter": str(dpo_adapter),
+                  "sft_loss_plot": str(out / "runs" / "sft" / "loss.png"),
+                  "dpo_plot": str(out / "runs" / "dpo" / "preference.png"),
+                  "samples": str(out / "eval" / "after-dpo" / "json_samples.jsonl")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + format_summary(summary))
@@ -195,25 +240,34 @@ def run_quickstart(out: str | Path = "runs/quickstart", preset: str = "tiny", se
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    b, a = s["json_before"], s["json_after"]
+    cols = [s["json_before"], s["json_after"], s["json_after_dpo"]]
 
     def pct(x: Any) -> str:
         return f"{100 * x:5.1f}%" if isinstance(x, (int, float)) else "  n/a"
 
+    def row(label: str, key: str) -> str:
+        return f"  {label:26} " + " ".join(f"{pct(c.get(key)):>9}" for c in cols)
+
+    d = s["dpo"]
     lines = [
         f"jaxft quickstart ({s['preset']}) finished in {s['seconds']:.0f}s",
         "",
-        f"  {'held-out requests':28} {'base':>8} {'LoRA SFT':>9}",
-        f"  {'valid JSON (json.loads)':28} {pct(b['json_valid']):>8} {pct(a['json_valid']):>9}",
-        f"  {'matches the schema':28} {pct(b.get('schema_valid')):>8} "
-        f"{pct(a.get('schema_valid')):>9}",
-        f"  {'exact answer':28} {pct(b.get('exact_match')):>8} {pct(a.get('exact_match')):>9}",
-        f"  {'conversational filler':28} {pct(b['filler']):>8} {pct(a['filler']):>9}",
+        f"  {'held-out requests':26} {'base':>9} {'+LoRA SFT':>9} {'+DPO':>9}",
+        row("valid JSON (json.loads)", "json_valid"),
+        row("matches the schema", "schema_valid"),
+        row("exact answer", "exact_match"),
+        row("conversational filler", "filler"),
         "",
+        f"  held-out preference accuracy (implicit reward, bare JSON over filler): "
+        f"{pct(d['reward_accuracy_before']).strip()} -> {pct(d['reward_accuracy_after']).strip()}"
+        f", margin {d['margin_after']:.2f}",
+        f"  (at step 0 the policy is its reference, so every reward ties at 0; the SFT model's "
+        f"own log-probs already prefer bare JSON on {pct(d['policy_accuracy_before']).strip()})",
         f"  base model: {s['base']['steps']} steps of full fine-tuning, final loss "
         f"{s['base']['final_loss']:.3f}",
         f"  LoRA SFT:   {s['sft']['steps']} steps, final loss {s['sft']['final_loss']:.3f}, "
         f"best validation loss {s['sft']['best_val_loss']:.3f}",
+        f"  DPO:        {d['steps']} steps, final loss {d['final_loss']:.3f}",
         "",
     ]
     width = max(len(k) for k in s["paths"])

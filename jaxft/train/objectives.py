@@ -34,8 +34,14 @@ REFERENCE_FREE = ("orpo", "simpo")
 
 def preference_loss_fn(config: LlamaConfig, method: str, objective: str, num_examples: int,
                        *, beta: float = 0.1, simpo_gamma: float = 0.5,
-                       desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> LossFn:
-    """Loss of a preference micro-batch (``jaxft.data.build_preference_iterators`` layout)."""
+                       desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                       sft_weight: float = 0.0) -> LossFn:
+    """Loss of a preference micro-batch (``jaxft.data.build_preference_iterators`` layout).
+
+    ``sft_weight`` adds that multiple of the chosen completions' token-mean NLL to the DPO-family
+    losses (TRL: ``loss_type=["sigmoid", "sft"]`` with ``loss_weights``; RPO), which keeps the
+    chosen answers likely while the rejected ones are pushed down.
+    """
 
     def logprobs(params: Any, lora: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
         return preference_logprobs(
@@ -63,6 +69,10 @@ def preference_loss_fn(config: LlamaConfig, method: str, objective: str, num_exa
                 if objective == "ipo" else {}
             loss, metrics = dpo_loss(lp[:b], lp[b:], ref[:b], ref[b:], beta, loss_type,
                                      valid=valid, **counts)
+            if sft_weight:
+                nll = -jnp.sum(lp[:b] * valid) / jnp.maximum(jnp.sum(count[:b] * valid), 1.0)
+                metrics["nll_chosen"] = nll
+                loss = loss + sft_weight * nll
         elif objective == "kto":
             loss, metrics = kto_loss(lp[:b], ref[:b], lp[b:], ref[b:],
                                      batch["label"].astype(jnp.float32), beta,
@@ -95,4 +105,5 @@ def objective_loss_fn(cfg: Any, config: LlamaConfig, num_examples: int | None = 
     return preference_loss_fn(config, t.method, t.objective, num_examples, beta=t.beta,
                               simpo_gamma=t.simpo_gamma,
                               desirable_weight=t.kto_desirable_weight,
-                              undesirable_weight=t.kto_undesirable_weight)
+                              undesirable_weight=t.kto_undesirable_weight,
+                              sft_weight=t.dpo_sft_weight)
