@@ -122,6 +122,7 @@ class TrainSection(Section):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     beta: float = Field(default=0.1, gt=0)  # preference objectives (DPO/IPO/hinge/KTO/ORPO/SimPO)
     simpo_gamma: float = 0.5
+    precompute_ref: bool = False  # reference log-probs computed once before training
     dpo_sft_weight: float = Field(default=0.0, ge=0)  # + weight * NLL(chosen) (TRL "sft"; RPO)
     kto_desirable_weight: float = Field(default=1.0, gt=0)
     kto_undesirable_weight: float = Field(default=1.0, gt=0)

@@ -102,12 +102,32 @@ def _next_batch(it: Any, accum: int, stacked: bool) -> dict[str, np.ndarray] | N
 
 def _to_global(batch: dict[str, np.ndarray], mesh: Any, rules: dict,
                batch_axis: int) -> dict[str, jax.Array]:
-    """Process-local arrays -> global arrays whose rows (``batch_axis``) are split over devices."""
+    """Process-local arrays -> global arrays whose rows (``batch_axis``) are split over devices.
+    ``ref_logps`` (precomputed reference log-probs, the same on every process) is replicated."""
     out = {}
     for k, v in batch.items():
+        if k == "ref_logps":
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            continue
         sharding = batch_sharding(mesh, rules, ndim=v.ndim, batch_axis=batch_axis)
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
+
+
+def _reference_table(fn: Any, frozen: Any, it: Any, start: dict, n_batches: int, mesh: Any,
+                     rules: dict) -> np.ndarray:
+    """Reference log-probs ``[n_batches, examples]`` of the batches ``it`` yields from ``start``
+    (the order is deterministic, so batch ``k`` of the run gets row ``k``)."""
+    it.restore(start)
+    rows = []
+    for _ in range(n_batches):
+        batch = next(it, None)
+        if batch is None:
+            break
+        rows.append(np.asarray(jax.device_get(fn(frozen, _to_global(batch, mesh, rules, 0)))))
+    it.restore(start)
+    return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
 
 def _all_processes_have(flag: bool) -> bool:
@@ -117,7 +137,7 @@ def _all_processes_have(flag: bool) -> bool:
 
 
 def _evaluate(eval_step: Any, state: dict, frozen: Any, val_iter: Any, start_state: dict,
-              mesh: Any, rules: dict) -> dict[str, float]:
+              mesh: Any, rules: dict, ref_table: np.ndarray | None = None) -> dict[str, float]:
     """Validation metrics over the whole split: every summed output divided by the summed
     ``tokens`` (token NLL for SFT; per-pair means for preference objectives)."""
     val_iter.restore(start_state)
@@ -130,7 +150,10 @@ def _evaluate(eval_step: Any, state: dict, frozen: Any, val_iter: Any, start_sta
     empty = {k: np.zeros_like(v) for k, v in local[0].items()}
     sums: dict[str, float] = {}
     for i in range(count):
-        batch = _to_global(local[i] if i < len(local) else empty, mesh, rules, 0)
+        local_batch = dict(local[i] if i < len(local) else empty)
+        if ref_table is not None:
+            local_batch["ref_logps"] = ref_table[min(i, len(ref_table) - 1)]
+        batch = _to_global(local_batch, mesh, rules, 0)
         out = jax.device_get(eval_step(state["trainable"], frozen, batch))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -138,6 +161,38 @@ def _evaluate(eval_step: Any, state: dict, frozen: Any, val_iter: Any, start_sta
     result = {"val_loss": sums.pop("loss_sum") / n}
     result.update({f"val_{k}": v / n for k, v in sums.items()})
     return result
+
+
+def _precompute_reference(cfg: Config, config: Any, frozen: Any, train_iter: Any,
+                          train_start: dict, val_iter: Any, num_examples: int, mesh: Any,
+                          rules: dict, run_dir: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reference log-probs of every batch the run will see (``train.precompute_ref``), computed
+    once and kept in ``reference_logprobs.npz`` so that a resumed run reuses them."""
+    from jaxft.train.preference import preference_logprobs
+
+    path = run_dir / "reference_logprobs.npz"
+    n_train = cfg.train.steps * cfg.train.grad_accum
+    if path.exists():
+        cached = np.load(path)
+        if cached["train"].shape[0] >= min(n_train, 1):
+            return cached["train"], (cached["val"] if cached["val"].size else None)
+
+    @jax.jit
+    def ref_fn(params: Any, batch: dict) -> jax.Array:
+        return preference_logprobs(config, params, batch["tokens"], batch["targets"],
+                                   batch["loss_mask"], batch["segment_ids"], batch["positions"],
+                                   example_index=batch["example_index"],
+                                   num_examples=num_examples)[0]
+
+    train_table = _reference_table(ref_fn, frozen, train_iter, train_start, n_train, mesh, rules)
+    val_table = None
+    if val_iter is not None:
+        start = val_iter.state()
+        val_table = _reference_table(ref_fn, frozen, val_iter, start, 1 << 30, mesh, rules)
+    if jax.process_index() == 0:
+        np.savez(path, train=train_table,
+                 val=val_table if val_table is not None else np.zeros((0,), np.float32))
+    return train_table, val_table
 
 
 def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = None,
@@ -159,6 +214,7 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     train_iter, val_iter, num_examples = _build_data(cfg, tokenizer)
+    train_start = train_iter.state()
     preference = num_examples is not None
     config, params = setup.load_model(cfg)
     plan_mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -183,6 +239,13 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
     del trainable
 
     loss_fn = objective_loss_fn(cfg, config, num_examples)
+    ref_table = val_ref_table = None
+    if preference and cfg.train.precompute_ref and cfg.train.objective not in REFERENCE_FREE:
+        ref_table, val_ref_table = _precompute_reference(
+            cfg, config, frozen, train_iter, train_start, val_iter, num_examples, plan_mesh,
+            rules, run_dir)
+        if cfg.train.method == "full":  # the reference copy is no longer needed in memory
+            frozen, frozen_sh = {}, {}
     replicated = jax.sharding.NamedSharding(plan_mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(make_step(loss_fn, tx, schedule),
                       in_shardings=(state_sh, frozen_sh, None),
@@ -218,7 +281,8 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
             if val_iter is not None and cfg.train.eval_every and start == 0:
                 # where the run starts from: informational, not a candidate for "best"
                 writer.write({"step": 0, **_evaluate(eval_fn, state, frozen, val_iter,
-                                                     val_start, plan_mesh, rules)})
+                                                     val_start, plan_mesh, rules,
+                                                     val_ref_table)})
             while step < cfg.train.steps:
                 batch = _next_batch(train_iter, accum, preference)
                 if not _all_processes_have(batch is not None):
@@ -228,6 +292,8 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                     break
                 if batch_hook is not None:
                     batch = batch_hook(step, batch)
+                if ref_table is not None:
+                    batch["ref_logps"] = ref_table[step * accum:(step + 1) * accum]
                 state, metrics = step_fn(state, frozen, _to_global(batch, plan_mesh, rules, 1))
                 m = jax.device_get(metrics)
                 step += 1
@@ -266,7 +332,7 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                 if val_iter is not None and ((cfg.train.eval_every and
                                               step % cfg.train.eval_every == 0) or last_step):
                     val_metrics = _evaluate(eval_fn, state, frozen, val_iter, val_start,
-                                            plan_mesh, rules)
+                                            plan_mesh, rules, val_ref_table)
                     val = val_metrics["val_loss"]
                     writer.write({"step": step, **val_metrics})
                     best = meta["best_val_loss"]

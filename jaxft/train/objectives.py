@@ -60,7 +60,9 @@ def preference_loss_fn(config: LlamaConfig, method: str, objective: str, num_exa
         n = jnp.sum(valid)
         b = num_examples // 2
         ref = None
-        if objective not in REFERENCE_FREE:
+        if "ref_logps" in batch:  # precomputed once (train.precompute_ref)
+            ref = batch["ref_logps"]
+        elif objective not in REFERENCE_FREE:
             ref, _ = jax.lax.stop_gradient(logprobs(ref_params, None, batch))
         avg = lp / jnp.maximum(count, 1.0)
         if objective in ("dpo", "hinge", "ipo"):

@@ -50,6 +50,7 @@ def setup(tmp_path_factory):
 
 
 def _run(tmp_path, inputs, *overrides, kto=False):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     train_file = _pairs(tmp_path / "pairs.jsonl", NAMES[:12] * 2, kto)
     val_file = _pairs(tmp_path / "val.jsonl", NAMES[12:] * 2, kto)
     config = write_config(tmp_path, inputs)
@@ -110,3 +111,17 @@ def test_full_finetune_dpo_with_frozen_reference_and_accumulation(setup, tmp_pat
                            "train.steps=10", "train.grad_accum=2", "optim.lr=1e-3")
     assert result.losses[-1] < result.losses[0]
     assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_precomputed_reference_gives_the_same_run(setup, tmp_path, method):
+    _, inputs = setup
+    common = ["train.objective=dpo", f"train.method={method}", "train.steps=6",
+              "train.eval_every=3", "optim.lr=1e-3"]
+    live, live_records = _run(tmp_path / "live", inputs, *common)
+    pre, pre_records = _run(tmp_path / "pre", inputs, *common, "train.precompute_ref=true")
+    assert (tmp_path / "pre" / "run" / "reference_logprobs.npz").exists()
+    np.testing.assert_allclose(pre.losses, live.losses, rtol=1e-5, atol=1e-6)
+    live_val = [r["val_loss"] for r in live_records if "val_loss" in r]
+    pre_val = [r["val_loss"] for r in pre_records if "val_loss" in r]
+    np.testing.assert_allclose(pre_val, live_val, rtol=1e-5, atol=1e-6)
