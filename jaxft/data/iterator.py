@@ -35,7 +35,63 @@ _STATE_VERSION = 1
 _END = object()
 
 
-class BatchIterator:
+class ResumableIterator:
+    """The protocol both batch iterators share: iteration through a ``Prefetcher``,
+    ``state()`` / ``restore()`` / ``reset()``, ``stats``, ``close()`` and ``with``.
+
+    A subclass sets ``self._feed`` and defines ``_initial_state()``; ``_carry_state`` turns the
+    carried rows into JSON-friendly lists and back.
+    """
+
+    _feed: Prefetcher
+    _checked: tuple[str, ...] = ()
+
+    def _initial_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _carry_state(carry: list) -> list:
+        return [list(b) for b in carry]
+
+    def __iter__(self) -> ResumableIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._feed)
+
+    def state(self) -> dict[str, Any]:
+        """Where the iterator stands after the last batch returned (JSON-serializable)."""
+        state = self._feed.state
+        return {**state, "carry": self._carry_state(state["carry"]),
+                "stats": dict(state["stats"])}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue after the batch at which ``state`` was taken (before iterating further)."""
+        self.close()
+        check_state(state, self._initial_state(), self._checked)
+        self._feed.restart({**state, "carry": self._carry_state(state["carry"])})
+
+    def reset(self) -> None:
+        """Start again from the first batch (counters included)."""
+        self.restore(self._initial_state())
+
+    @property
+    def stats(self) -> DataStats:
+        """Counters as of the last batch returned (rows read, skipped, truncated, ...)."""
+        return self._feed.stats
+
+    def close(self) -> None:
+        """Stop and join the prefetch thread; safe to call more than once."""
+        self._feed.close()
+
+    def __enter__(self) -> ResumableIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BatchIterator(ResumableIterator):
     """Batches of packed (or padded) SFT rows: int32 ``[batch_size / process_count, seq_len]``
     arrays ``tokens``, ``targets``, ``loss_mask``, ``segment_ids``, ``positions``.
 
@@ -70,48 +126,6 @@ class BatchIterator:
         self.process_index, self.process_count = process_index, process_count
         self.local_batch = cfg.batch_size // process_count
         self._feed = Prefetcher(self._produce, self._initial_state(), cfg.prefetch)
-
-    # -- public ------------------------------------------------------------------------------
-
-    def __iter__(self) -> BatchIterator:
-        return self
-
-    def __next__(self) -> Batch:
-        return next(self._feed)
-
-    def state(self) -> dict[str, Any]:
-        """Where the iterator stands after the last batch returned (JSON-serializable)."""
-        state = self._feed.state
-        return {
-            **state,
-            "carry": [list(b) for b in state["carry"]],
-            "stats": dict(state["stats"]),
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue after the batch at which ``state`` was taken (before iterating further)."""
-        self.close()
-        check_state(state, self._initial_state(), _CHECKED)
-        self._feed.restart({**state, "carry": [list(b) for b in state["carry"]]})
-
-    def reset(self) -> None:
-        """Start again from the first batch (counters included)."""
-        self.restore(self._initial_state())
-
-    @property
-    def stats(self) -> DataStats:
-        """Counters as of the last batch returned (rows read, skipped, truncated, ...)."""
-        return self._feed.stats
-
-    def close(self) -> None:
-        """Stop and join the prefetch thread; safe to call more than once."""
-        self._feed.close()
-
-    def __enter__(self) -> BatchIterator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- production --------------------------------------------------------------------------
 
@@ -215,6 +229,8 @@ _CHECKED = (
     "seed",
     "shuffle",
 )
+
+BatchIterator._checked = _CHECKED
 
 # -- shared with the preference batcher (jaxft.data.preference) --------------------------------
 

@@ -54,7 +54,7 @@ from jaxft.data.config import DataConfig
 from jaxft.data.encode import DataStats, Encoder, Example, KtoExample, PairExample, fit_completions
 from jaxft.data.iterator import (
     Prefetcher,
-    check_state,
+    ResumableIterator,
     epoch_rows,
     open_splits,
     reread,
@@ -138,13 +138,15 @@ def estimate_rows(units: Sequence[Unit], per_batch: int, seq_len: int, seed: int
     return min(max(int(np.quantile(needed, _QUANTILE, method="higher")), 2), most)
 
 
-class PreferenceIterator:
+class PreferenceIterator(ResumableIterator):
     """Batches of preference pairs or KTO examples for one forward pass (module docstring).
 
     ``n_rows`` is ``R``; ``state()`` / ``restore(state)`` resume exactly; ``reset()`` starts over;
     ``close()`` stops the prefetch thread (also on ``with`` exit). ``rows`` fixes ``R`` instead of
     estimating it (packing only).
     """
+
+    _checked = _CHECKED
 
     def __init__(
         self,
@@ -187,43 +189,9 @@ class PreferenceIterator:
         self._bos_id: int | None = encoder.tokenizer.bos_token_id
         self._feed = Prefetcher(self._produce, self._initial_state(), cfg.prefetch)
 
-    # -- public ------------------------------------------------------------------------------
-
-    def __iter__(self) -> PreferenceIterator:
-        return self
-
-    def __next__(self) -> Batch:
-        return next(self._feed)
-
-    def state(self) -> dict[str, Any]:
-        """Where the iterator stands after the last batch returned (JSON-serializable)."""
-        state = self._feed.state
-        return {**state, "carry": list(state["carry"]), "stats": dict(state["stats"])}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue after the batch at which ``state`` was taken (before iterating further)."""
-        self.close()
-        check_state(state, self._initial_state(), _CHECKED)
-        self._feed.restart({**state, "carry": [int(g) for g in state["carry"]]})
-
-    def reset(self) -> None:
-        """Start again from the first batch (counters included)."""
-        self.restore(self._initial_state())
-
-    @property
-    def stats(self) -> DataStats:
-        """Counters as of the last batch returned (rows read, skipped, truncated, ...)."""
-        return self._feed.stats
-
-    def close(self) -> None:
-        """Stop and join the prefetch thread; safe to call more than once."""
-        self._feed.close()
-
-    def __enter__(self) -> PreferenceIterator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    @staticmethod
+    def _carry_state(carry: list) -> list:
+        return [int(g) for g in carry]
 
     # -- production --------------------------------------------------------------------------
 
