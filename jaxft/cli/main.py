@@ -22,7 +22,7 @@ _COMMANDS = (
     "export_cmd",
     "plan_cmd",
     "data_cmd",
-    "model_cmd",
+    "plot_cmd",
 )
 
 
@@ -33,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f"jaxft.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"jaxft.cli.{name}":
-                continue  # command not built yet
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"jaxft.cli.{name}").add_parser(sub)
     return parser
 
 

@@ -190,6 +190,8 @@ def count_lora_params(lora: Params) -> int:
 
 __all__ = [
     "LoraSpec",
+    "combine_variables",
+    "split_variables",
     "LoraWeights",
     "adapted_entries",
     "count_lora_params",
@@ -198,3 +200,13 @@ __all__ = [
     "lora_init",
     "lora_merge",
 ]
+
+
+def split_variables(variables: Params) -> tuple[Params, Params | None]:
+    """``{'params': base, 'lora': adapters}`` -> ``(base, adapters)`` (adapters may be absent)."""
+    return variables["params"], variables.get("lora")
+
+
+def combine_variables(params: Params, lora: Params | None) -> Params:
+    """The variables dict that ``Transformer.apply`` takes: the inverse of ``split_variables``."""
+    return {"params": params} if lora is None else {"params": params, "lora": lora}
