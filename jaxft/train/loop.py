@@ -9,6 +9,7 @@ skips the update (``skip``).
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -26,9 +27,9 @@ from jaxft.errors import ConfigError, JaxftError
 from jaxft.train import setup
 from jaxft.train.checkpoint import RunCheckpoints, abstract_with_shardings
 from jaxft.train.metrics import MetricsWriter, plot_preference, plot_run
+from jaxft.train.objectives import REFERENCE_FREE, objective_loss_fn
 from jaxft.train.perf import flops_per_token, peak_flops
 from jaxft.train.sharding import batch_sharding, make_mesh, tree_shardings
-from jaxft.train.objectives import REFERENCE_FREE, objective_loss_fn
 from jaxft.train.step import make_eval_step, make_step
 
 BatchHook = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -76,7 +77,7 @@ def _build_data(cfg: Config, tokenizer: Any) -> tuple[Any, Any, int | None]:
     """Train/validation iterators and, for preference objectives, examples per micro-batch."""
     from jaxft.data import build_iterators, build_preference_iterators
 
-    kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    kw = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     if cfg.train.objective == "sft":
         return (*build_iterators(cfg.data, tokenizer, **kw), None)
     pairs = cfg.data.batch_size // cfg.train.grad_accum
@@ -195,64 +196,89 @@ def _precompute_reference(cfg: Config, config: Any, frozen: Any, train_iter: Any
     return train_table, val_table
 
 
-def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = None,
-          verbose: bool = True) -> TrainResult:
-    """Run (or resume) the training described by ``cfg``; see the module docstring."""
+@dataclass
+class _Run:
+    """Everything a run holds while it trains (built by ``_prepare``)."""
+
+    cfg: Config
+    run_dir: Path
+    say: Callable[..., None]
+    preference: bool
+    train_iter: Any
+    val_iter: Any
+    val_start: dict | None
+    mesh: Any
+    rules: dict
+    frozen: Any
+    state: dict
+    step_fn: Any
+    eval_fn: Any
+    ckpts: RunCheckpoints
+    meta: dict[str, Any]
+    start: int
+    flops_per_token: float
+    ref_table: np.ndarray | None = None
+    val_ref_table: np.ndarray | None = None
+
+    def evaluate(self) -> dict[str, float]:
+        return _evaluate(self.eval_fn, self.state, self.frozen, self.val_iter, self.val_start,
+                         self.mesh, self.rules, self.val_ref_table)
+
+    def save(self, step: int, best: bool = False) -> None:
+        self.ckpts.save(step, self.state, self.train_iter.state(), dict(self.meta, step=step),
+                        best=best)
+
+
+def _check_geometry(cfg: Config, mesh: Any) -> None:
+    accum, procs = cfg.train.grad_accum, jax.process_count()
+    if cfg.data.batch_size % (accum * procs):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by "
+                          f"train.grad_accum x processes = {accum * procs}")
+    batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.data.batch_size // accum) % batch_axes:
+        raise ConfigError(f"the micro-batch ({cfg.data.batch_size // accum} rows) must be "
+                          f"divisible by mesh data x fsdp = {batch_axes}")
+
+
+def _prepare(cfg: Config, say: Callable[..., None]) -> _Run:
+    """Data, model, sharded state, jitted step and evaluation, restored from the latest
+    checkpoint of the run directory when there is one."""
     from jaxft.data import load_tokenizer
 
-    t_start = time.perf_counter()
     run_dir = Path(cfg.train.output_dir)
-    lead = jax.process_index() == 0
-    say = print if (verbose and lead) else (lambda *a, **k: None)
-    if lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    accum = cfg.train.grad_accum
-    if cfg.data.batch_size % (accum * jax.process_count()):
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by "
-                          f"train.grad_accum x processes = {accum * jax.process_count()}")
-
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = dict(cfg.mesh.rules)
+    _check_geometry(cfg, mesh)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     train_iter, val_iter, num_examples = _build_data(cfg, tokenizer)
     train_start = train_iter.state()
     preference = num_examples is not None
     config, params = setup.load_model(cfg)
-    plan_mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = dict(cfg.mesh.rules)
-    batch_axes = plan_mesh.shape["data"] * plan_mesh.shape["fsdp"]
-    if (cfg.data.batch_size // accum) % batch_axes:
-        raise ConfigError(f"the micro-batch ({cfg.data.batch_size // accum} rows) must be "
-                          f"divisible by mesh data x fsdp = {batch_axes}")
-
-    rng = jax.random.PRNGKey(cfg.train.seed)
-    trainable, frozen = setup.split_trainable(cfg, config, params, jax.random.fold_in(rng, 1))
+    adapter_rng = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1)
+    trainable, frozen = setup.split_trainable(cfg, config, params, adapter_rng)
     if preference and cfg.train.method == "full" and cfg.train.objective not in REFERENCE_FREE:
         frozen = params  # the reference: a frozen copy of the initial weights
     del params
     tx, schedule = setup.make_tx(cfg)
-    frozen_sh = tree_shardings(frozen, rules, plan_mesh)
+    frozen_sh = tree_shardings(frozen, rules, mesh)
     frozen = jax.device_put(frozen, frozen_sh)
-    abstract_state = jax.eval_shape(lambda t: setup.init_state(t, tx, cfg.train.seed), trainable)
-    state_sh = setup.state_shardings(abstract_state, plan_mesh, rules)
-    state = jax.jit(lambda t: setup.init_state(t, tx, cfg.train.seed),
-                    out_shardings=state_sh)(trainable)
+    init = functools.partial(setup.init_state, tx=tx, seed=cfg.train.seed)
+    abstract_state = jax.eval_shape(init, trainable)
+    state_sh = setup.state_shardings(abstract_state, mesh, rules)
+    state = jax.jit(init, out_shardings=state_sh)(trainable)
     del trainable
-
     loss_fn = objective_loss_fn(cfg, config, num_examples)
-    ref_table = val_ref_table = None
+    tables: tuple[Any, Any] = (None, None)
     if preference and cfg.train.precompute_ref and cfg.train.objective not in REFERENCE_FREE:
-        ref_table, val_ref_table = _precompute_reference(
-            cfg, config, frozen, train_iter, train_start, val_iter, num_examples, plan_mesh,
-            rules, run_dir)
+        tables = _precompute_reference(cfg, config, frozen, train_iter, train_start, val_iter,
+                                       num_examples, mesh, rules, run_dir)
         if cfg.train.method == "full":  # the reference copy is no longer needed in memory
             frozen, frozen_sh = {}, {}
-    replicated = jax.sharding.NamedSharding(plan_mesh, jax.sharding.PartitionSpec())
-    step_fn = jax.jit(make_step(loss_fn, tx, schedule),
-                      in_shardings=(state_sh, frozen_sh, None),
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step_fn = jax.jit(make_step(loss_fn, tx, schedule), in_shardings=(state_sh, frozen_sh, None),
                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(loss_fn), in_shardings=(state_sh["trainable"], frozen_sh,
-                                                             None))
-
+    eval_fn = jax.jit(make_eval_step(loss_fn),
+                      in_shardings=(state_sh["trainable"], frozen_sh, None))
     ckpts = RunCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
     meta: dict[str, Any] = {"best_val_loss": None, "best_step": None, "bad_evals": 0,
                             "tokens": 0, "base": setup.base_fingerprint(cfg.model.path)}
@@ -262,129 +288,159 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                                                                                state_sh))
         train_iter.restore(data_state)
         say(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start})")
-    val_start = val_iter.state() if val_iter is not None else None
-    writer = MetricsWriter(run_dir, enabled=lead, resume_step=start)
-    seq = cfg.data.seq_len
-    fpt = flops_per_token(config, state["trainable"], cfg.train.method, seq)
+    return _Run(cfg, run_dir, say, preference, train_iter, val_iter,
+                val_iter.state() if val_iter is not None else None, mesh, rules, frozen, state,
+                step_fn, eval_fn, ckpts, meta, start,
+                flops_per_token(config, state["trainable"], cfg.train.method, cfg.data.seq_len),
+                *tables)
+
+
+def _record(run: _Run, step: int, m: dict, batch: dict, seconds: float) -> dict[str, Any]:
+    """The metrics line of one step; stops the run on a non-finite step unless told to skip."""
+    cfg = run.cfg
+    if not bool(m["finite"]):
+        msg = (f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+               f"grad_norm={float(m['grad_norm'])})")
+        if cfg.train.on_nonfinite == "stop":
+            last = run.ckpts.latest_step()
+            where = (f"the last good checkpoint is step {last} in {run.run_dir / 'checkpoints'}"
+                     if last else "no checkpoint yet")
+            raise TrainingError(f"{msg}; stopping ({where}). Lower optim.lr, check the data, or "
+                                "set train.on_nonfinite=skip.")
+        run.say(f"\n{msg}; update skipped (train.on_nonfinite=skip)")
+    if run.preference:
+        tokens = int(np.nansum(batch["loss_mask"])) * jax.process_count()
+    else:
+        tokens = int(m["tokens"]) if np.isfinite(m["tokens"]) else 0
+    run.meta["tokens"] = int(run.meta["tokens"]) + tokens
+    tok_s = batch["tokens"].size * jax.process_count() / max(seconds, 1e-9)
     peak = peak_flops()
+    record = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
+              "grad_norm": float(m["grad_norm"]), "tokens": tokens, "tokens_per_s": tok_s,
+              "mfu": tok_s * run.flops_per_token / peak if peak else None}
+    record.update({k: float(v) for k, v in m.items()
+                   if k not in ("loss", "lr", "grad_norm", "tokens", "finite")})
+    return record
+
+
+def _validate(run: _Run, step: int, writer: MetricsWriter, bar: Any) -> tuple[bool, bool]:
+    """Validation loss, best-checkpoint and early-stopping bookkeeping: ``(improved, stop)``."""
+    t, meta = run.cfg.train, run.meta
+    val_metrics = run.evaluate()
+    val = val_metrics["val_loss"]
+    writer.write({"step": step, **val_metrics})
+    best = meta["best_val_loss"]
+    improved = best is None or val < best - t.early_stopping_min_delta
+    if improved:
+        meta.update(best_val_loss=val, best_step=step, bad_evals=0)
+    else:
+        meta["bad_evals"] = int(meta["bad_evals"]) + 1
+    if bar is not None:
+        bar.write(f"step {step}: validation loss {val:.4f}" + (" (best)" if improved else ""))
+    stop = not improved and bool(t.early_stopping_patience) and \
+        meta["bad_evals"] >= t.early_stopping_patience
+    return improved, stop
+
+
+def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = None,
+          verbose: bool = True) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; see the module docstring."""
+    t_start = time.perf_counter()
+    lead = jax.process_index() == 0
+    say = print if (verbose and lead) else (lambda *a, **k: None)
+    if lead:
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
+    run = _prepare(cfg, say)
+    t, accum = cfg.train, cfg.train.grad_accum
+    writer = MetricsWriter(run.run_dir, enabled=lead, resume_step=run.start)
     bar = None
     if progress and lead:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
-                   dynamic_ncols=True)
-    status, losses = "completed", []
-    step = start
+        bar = tqdm(total=t.steps, initial=run.start, desc="train", unit="step", dynamic_ncols=True)
+    status, losses, step = "completed", [], run.start
     t_prev = time.perf_counter()
     with _Preemption() as preempt:
         try:
-            if val_iter is not None and cfg.train.eval_every and start == 0:
+            if run.val_iter is not None and t.eval_every and run.start == 0:
                 # where the run starts from: informational, not a candidate for "best"
-                writer.write({"step": 0, **_evaluate(eval_fn, state, frozen, val_iter,
-                                                     val_start, plan_mesh, rules,
-                                                     val_ref_table)})
-            while step < cfg.train.steps:
-                batch = _next_batch(train_iter, accum, preference)
+                writer.write({"step": 0, **run.evaluate()})
+            while step < t.steps:
+                batch = _next_batch(run.train_iter, accum, run.preference)
                 if not _all_processes_have(batch is not None):
                     status = "data_exhausted"
                     say(f"\nthe data ran out after {step} steps (data.num_epochs="
-                        f"{cfg.data.num_epochs}); stopping before train.steps={cfg.train.steps}")
+                        f"{cfg.data.num_epochs}); stopping before train.steps={t.steps}")
                     break
                 if batch_hook is not None:
                     batch = batch_hook(step, batch)
-                if ref_table is not None:
-                    batch["ref_logps"] = ref_table[step * accum:(step + 1) * accum]
-                state, metrics = step_fn(state, frozen, _to_global(batch, plan_mesh, rules, 1))
+                if run.ref_table is not None:
+                    batch["ref_logps"] = run.ref_table[step * accum:(step + 1) * accum]
+                run.state, metrics = run.step_fn(run.state, run.frozen,
+                                                 _to_global(batch, run.mesh, run.rules, 1))
                 m = jax.device_get(metrics)
                 step += 1
                 now = time.perf_counter()
-                if not bool(m["finite"]):
-                    msg = (f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-                           f"grad_norm={float(m['grad_norm'])})")
-                    if cfg.train.on_nonfinite == "stop":
-                        last = ckpts.latest_step()
-                        where = (f"the last good checkpoint is step {last} in "
-                                 f"{run_dir / 'checkpoints'}" if last else "no checkpoint yet")
-                        raise TrainingError(f"{msg}; stopping ({where}). Lower optim.lr, check "
-                                            "the data, or set train.on_nonfinite=skip.")
-                    say(f"\n{msg}; update skipped (train.on_nonfinite=skip)")
-                tokens = int(batch["loss_mask"].sum()) * jax.process_count() if preference \
-                    else (int(m["tokens"]) if np.isfinite(m["tokens"]) else 0)
-                meta["tokens"] = int(meta["tokens"]) + tokens
-                dt = now - t_prev
+                record = _record(run, step, m, batch, now - t_prev)
                 t_prev = now
-                tok_s = batch["tokens"].size * jax.process_count() / max(dt, 1e-9)
-                record = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
-                          "grad_norm": float(m["grad_norm"]), "tokens": tokens,
-                          "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak if peak else None}
-                record.update({k: float(v) for k, v in m.items()
-                               if k not in ("loss", "lr", "grad_norm", "tokens", "finite")})
-                losses.append(float(m["loss"]))
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                losses.append(record["loss"])
+                if step % t.log_every == 0 or step == t.steps:
                     writer.write(record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    tok_s=f"{tok_s:,.0f}",
+                                    tok_s=f"{record['tokens_per_s']:,.0f}",
                                     mfu=f"{record['mfu']:.1%}" if record["mfu"] else "n/a")
-                last_step = step == cfg.train.steps
-                improved, stop_early = False, False
-                if val_iter is not None and ((cfg.train.eval_every and
-                                              step % cfg.train.eval_every == 0) or last_step):
-                    val_metrics = _evaluate(eval_fn, state, frozen, val_iter, val_start,
-                                            plan_mesh, rules, val_ref_table)
-                    val = val_metrics["val_loss"]
-                    writer.write({"step": step, **val_metrics})
-                    best = meta["best_val_loss"]
-                    if best is None or val < best - cfg.train.early_stopping_min_delta:
-                        meta.update(best_val_loss=val, best_step=step, bad_evals=0)
-                        improved = True
-                    else:
-                        meta["bad_evals"] = int(meta["bad_evals"]) + 1
-                        patience = cfg.train.early_stopping_patience
-                        stop_early = bool(patience) and meta["bad_evals"] >= patience
-                    if bar is not None:
-                        bar.write(f"step {step}: validation loss {val:.4f}"
-                                  + (" (best)" if improved else ""))
-                save = (improved or last_step or stop_early or preempt.requested
-                        or (cfg.train.save_every and step % cfg.train.save_every == 0))
-                if save:
-                    ckpts.save(step, state, train_iter.state(), dict(meta, step=step),
-                               best=improved)
+                last_step = step == t.steps
+                improved = stop_early = False
+                if run.val_iter is not None and (
+                        (t.eval_every and step % t.eval_every == 0) or last_step):
+                    improved, stop_early = _validate(run, step, writer, bar)
+                if (improved or last_step or stop_early or preempt.requested
+                        or (t.save_every and step % t.save_every == 0)):
+                    run.save(step, best=improved)
                 if stop_early:
                     status = "early_stopped"
                     say(f"\nearly stopping at step {step}: no validation improvement in "
-                        f"{cfg.train.early_stopping_patience} evaluations")
+                        f"{t.early_stopping_patience} evaluations")
                     break
                 if preempt.requested:
                     status = "preempted"
                     say(f"\nSIGTERM: checkpoint written at step {step}; exiting")
                     break
-            if status == "data_exhausted" and step > start:
-                ckpts.save(step, state, train_iter.state(), dict(meta, step=step))
+            if status == "data_exhausted" and step > run.start:
+                run.save(step)
         finally:
-            ckpts.wait()
-            ckpts.close()
+            run.ckpts.wait()
+            run.ckpts.close()
             writer.close()
-            train_iter.close()
-            if val_iter is not None:
-                val_iter.close()
+            run.train_iter.close()
+            if run.val_iter is not None:
+                run.val_iter.close()
             if bar is not None:
                 bar.close()
-    plot = plot_run(run_dir / "metrics.jsonl", run_dir / "loss.png",
+    return _finish(run, status, step, losses, time.perf_counter() - t_start, lead)
+
+
+def _finish(run: _Run, status: str, step: int, losses: list[float], seconds: float,
+            lead: bool) -> TrainResult:
+    """Plots, the result, and the exports the config asks for."""
+    cfg, metrics = run.cfg, run.run_dir / "metrics.jsonl"
+    plot = plot_run(metrics, run.run_dir / "loss.png",
                     title=f"{cfg.train.method} {cfg.train.objective}") if lead else None
-    if lead and preference:
-        plot_preference(run_dir / "metrics.jsonl", run_dir / "preference.png",
+    if lead and run.preference:
+        plot_preference(metrics, run.run_dir / "preference.png",
                         title=f"{cfg.train.objective} (beta={cfg.train.beta})")
-    result = TrainResult(run_dir=run_dir, status=status, steps=step, tokens=int(meta["tokens"]),
-                         seconds=time.perf_counter() - t_start, losses=losses,
-                         best_val_loss=meta["best_val_loss"], best_step=meta["best_step"],
+    result = TrainResult(run_dir=run.run_dir, status=status, steps=step,
+                         tokens=int(run.meta["tokens"]), seconds=seconds, losses=losses,
+                         best_val_loss=run.meta["best_val_loss"], best_step=run.meta["best_step"],
                          plot=plot)
     if lead and cfg.export.formats and status in ("completed", "early_stopped", "data_exhausted"):
         from jaxft.train.exporting import export_run
 
         for fmt in cfg.export.formats:
-            result.exports[fmt] = export_run(run_dir, fmt, run_dir / "export" / fmt)
+            result.exports[fmt] = export_run(run.run_dir, fmt, run.run_dir / "export" / fmt)
     return result
 
 
