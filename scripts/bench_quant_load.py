@@ -2,7 +2,7 @@
 
 Writes a synthetic checkpoint (``configs/models/llama-3.2-1b.json``, random bf16 weights, written
 with jaxft's safetensors writer in shards of ``--shard-gb``, one shard in memory at a time), then
-loads it in a fresh subprocess per mode and reports the peak RSS (``ru_maxrss``) against the
+loads it in a fresh subprocess per mode and reports the peak RSS (``VmHWM``) against the
 process's RSS after importing jax and jaxft, and the size of the loaded parameter tree (NF4
 linears and dense tensors separately).
 
@@ -38,15 +38,25 @@ def _rss_now() -> int:
 
 
 def _rss_peak() -> int:
+    """Peak resident set size of this process's address space (``VmHWM``), in bytes.
+
+    Not ``ru_maxrss``: Linux carries that across ``execve`` from the process that spawned this
+    one, so a child started by a parent holding a freshly written checkpoint would report the
+    parent's size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class _Sampler(threading.Thread):
     """Polls /proc/self/status for the peaks of anonymous and file-backed resident memory.
 
-    ``ru_maxrss`` counts the pages of memory-mapped checkpoint files that a load has touched; this
+    ``VmHWM`` counts the pages of memory-mapped checkpoint files that a load has touched; this
     splits the peak into process memory (RssAnon) and mapped file pages (RssFile, page cache that
-    the kernel can drop). A poll can miss a short spike: ``ru_maxrss`` is the exact total.
+    the kernel can drop). A poll can miss a short spike: ``VmHWM`` is the exact total.
     """
 
     def __init__(self, interval: float = 0.002):
