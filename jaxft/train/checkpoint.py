@@ -37,7 +37,12 @@ class RunCheckpoints:
                                   meta=ocp.args.JsonSave(meta))
         self.latest.save(step, args=args, force=True)
         if best:
+            # One save in flight at a time: two managers finalising concurrently run their
+            # cross-process barriers in an order that can differ between processes (a deadlock
+            # seen with two jax.distributed processes).
+            self.latest.wait_until_finished()
             self.best.save(step, args=args, force=True)
+            self.best.wait_until_finished()
 
     def restore(self, step: int, abstract_state: Any,
                 manager: ocp.CheckpointManager | None = None) -> tuple[Any, dict, dict]:

@@ -279,7 +279,11 @@ def _prepare(cfg: Config, say: Callable[..., None]) -> _Run:
                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
     eval_fn = jax.jit(make_eval_step(loss_fn),
                       in_shardings=(state_sh["trainable"], frozen_sh, None))
-    ckpts = RunCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
+    # Asynchronous saves on one process; across processes orbax's background finalisation and
+    # the training loop's own collectives can interleave differently per process, so save
+    # synchronously there.
+    ckpts = RunCheckpoints(run_dir, keep=cfg.train.keep_checkpoints,
+                           async_save=jax.process_count() == 1)
     meta: dict[str, Any] = {"best_val_loss": None, "best_step": None, "bad_evals": 0,
                             "tokens": 0, "base": setup.base_fingerprint(cfg.model.path)}
     start = ckpts.latest_step() or 0
