@@ -15,7 +15,9 @@ from jaxtyping import Array, Float
 def rms_norm(x: Float[Array, "... d"], weight: Float[Array, " d"], eps: float) -> Array:
     """``weight * (x / sqrt(mean(x^2) + eps)).astype(x.dtype)`` with the statistics in fp32."""
     x32 = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    # x * x rather than square(x): the derivative then needs x itself (already kept for the
+    # backward pass), not a scaled copy 2x that autodiff would keep as one more activation.
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
     return weight.astype(x.dtype) * y
 
