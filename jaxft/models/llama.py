@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxft.models.config import LlamaConfig
-from jaxft.nn.attention import attention_mask, dot_product_attention
+from jaxft.nn.attention import attention_mask, causal_attention, dot_product_attention
 from jaxft.nn.linear import Linear
 from jaxft.nn.norm import RMSNorm, rms_norm
 from jaxft.nn.rope import apply_rope, inv_frequencies, rope_cos_sin
@@ -42,13 +42,16 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b t h"], cos: Array, sin: Array, mask: Array,
-                 cache: KVCache | None = None, cache_index: Array | None = None,
-                 ) -> tuple[Array, KVCache | None]:
-        """With a cache (``k``/``v`` ``[b, S, hk, d]``), this call's keys and values are written
-        at ``cache_index`` and the queries attend over the whole cache (``mask``: ``[b, t, S]``)."""
+    def __call__(self, x: Float[Array, "n h"], cos: Array, sin: Array,
+                 segment: Int[Array, "b t"], window: Int[Array, ""],
+                 cache: KVCache | None = None, mask: Array | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+        """``x`` holds the ``n = b * t`` rows of ``segment``'s ``[b, t]``. Without a cache, each
+        row attends to itself (``causal_attention``). With a cache (``k``/``v`` ``[b, S, hk, d]``),
+        this call's keys and values are written at ``cache_index`` and the queries attend over the
+        whole cache under ``mask`` ``[b, t, S]``."""
         c = self.config
-        b, t, _ = x.shape
+        b, t = segment.shape
         det = self.deterministic
         kw = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
         q = Linear(c.num_heads * c.head_dim, c.qkv_bias, name="q_proj", **kw)(x, det)
@@ -57,12 +60,15 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-        if cache is not None:
+        if cache is None:
+            out = causal_attention(q, k, v, segment, window)
+        else:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
-        out = dot_product_attention(q, k, v, mask).reshape(b, t, c.num_heads * c.head_dim)
+            out = dot_product_attention(q, k, v, mask)
+        out = out.reshape(b * t, c.num_heads * c.head_dim)
         return Linear(c.hidden_size, c.o_bias, name="o_proj", **kw)(out, det), cache
 
 
@@ -71,18 +77,20 @@ class MLP(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b t h"]) -> Array:
+    def __call__(self, x: Float[Array, "n h"]) -> Array:
         c = self.config
         kw = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
         det = self.deterministic
         gate = Linear(c.intermediate_size, c.mlp_bias, name="gate_proj", **kw)(x, det)
         up = Linear(c.intermediate_size, c.mlp_bias, name="up_proj", **kw)(x, det)
-        return Linear(c.hidden_size, c.mlp_bias, name="down_proj", **kw)(nn.silu(gate) * up, det)
+        # SwiGLU is applied inside down_proj: only gate and up are kept for the backward pass.
+        return Linear(c.hidden_size, c.mlp_bias, name="down_proj", **kw)(up, det, gate=gate)
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block. Fits ``nn.scan``: ``(carry, (window, cache), *broadcast) ->
-    (carry, cache)``; ``cache`` is ``None`` outside generation."""
+    """One pre-norm block over 2-D activations ``[b * t, h]``. Fits ``nn.scan``:
+    ``(carry, (window, cache), *broadcast) -> (carry, cache)``; ``cache`` is ``None`` outside
+    generation."""
 
     config: LlamaConfig
     deterministic: bool = True
@@ -90,7 +98,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x: Float[Array, "b t h"],
+        x: Float[Array, "n h"],
         per_layer: tuple[Int[Array, ""], KVCache | None],
         cos: Array,
         sin: Array,
@@ -102,12 +110,14 @@ class DecoderLayer(nn.Module):
         c = self.config
         window, cache = per_layer
         pdt = _dtype(c.param_dtype)
-        kv_index = jnp.broadcast_to(jnp.arange(kv_segment.shape[1], dtype=jnp.int32)[None],
-                                    kv_segment.shape)
-        mask = attention_mask(q_index, kv_index, q_segment, kv_segment, window)
+        mask = None
+        if cache is not None:
+            kv_index = jnp.broadcast_to(jnp.arange(kv_segment.shape[1], dtype=jnp.int32)[None],
+                                        kv_segment.shape)
+            mask = attention_mask(q_index, kv_index, q_segment, kv_segment, window)
         h = RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x)
         attn, cache = Attention(c, self.deterministic, name="self_attn")(
-            h, cos, sin, mask, cache, cache_index)
+            h, cos, sin, q_segment, window, cache, mask, cache_index)
         x = x + attn
         h = RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
         x = x + MLP(c, self.deterministic, name="mlp")(h)
@@ -155,7 +165,7 @@ class Transformer(nn.Module):
         embedding = self.param(
             "embed_tokens", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), pdt
         )
-        x = jnp.take(embedding, tokens, axis=0).astype(dt)
+        x = jnp.take(embedding, tokens.reshape(b * t), axis=0).astype(dt)  # [b*t, h]
         cos, sin = rope_cos_sin(positions, inv_frequencies(c.head_dim, c.rope_theta,
                                                            c.rope_parameters), dt)
         windows = jnp.asarray(c.layer_windows, jnp.int32)
@@ -184,6 +194,7 @@ class Transformer(nn.Module):
         else:
             logits = Linear(c.vocab_size, name="lm_head", dtype=dt, param_dtype=pdt)(
                 x, self.deterministic)
+        logits = logits.reshape(b, t, c.vocab_size)
         return logits if cache is None else (logits, new_cache)
 
 
