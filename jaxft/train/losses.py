@@ -15,11 +15,37 @@ from jaxtyping import Array, Float, Int
 def token_logprobs(
     logits: Float[Array, "b t v"], targets: Int[Array, "b t"]
 ) -> tuple[Float[Array, "b t"], Float[Array, "b t"]]:
-    """Log-probability of each target and ``logsumexp`` of each row, in fp32."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - lse, lse
+    """Log-probability of each target and ``logsumexp`` of each row, in fp32.
+
+    A custom VJP keeps only the logits (in their own dtype) and ``lse``: the gradient
+    ``onehot * g_logp + (g_lse - g_logp) * softmax`` is then one pass over the logits, where
+    autodiff would also keep the exponentials and scatter the target's gradient.
+    """
+    return _logprobs(logits, targets.astype(jnp.int32))
+
+
+@jax.custom_vjp
+def _logprobs(logits: Array, targets: Array) -> tuple[Array, Array]:
+    return _logprobs_fwd(logits, targets)[0]
+
+
+def _logprobs_fwd(logits: Array, targets: Array) -> tuple[tuple[Array, Array], tuple]:
+    logits32 = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits32, axis=-1)
+    picked = jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0]  # a gather
+    return (picked - lse, lse), (logits, targets, lse)
+
+
+def _logprobs_bwd(res: tuple, cotangents: tuple[Array, Array]) -> tuple[Array, None]:
+    logits, targets, lse = res
+    g_logp, g_lse = cotangents
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None]
+    d_logits = jnp.where(hit, g_logp[..., None], 0.0) + (g_lse - g_logp)[..., None] * probs
+    return d_logits.astype(logits.dtype), None
+
+
+_logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)
 
 
 def masked_nll(
