@@ -25,8 +25,9 @@ from jaxtyping import Array, Float, Int
 
 from jaxft.models.config import LlamaConfig
 from jaxft.nn.attention import attention_mask, causal_attention, dot_product_attention
+from jaxft.nn.head import head_logprobs
 from jaxft.nn.linear import Linear
-from jaxft.nn.norm import RMSNorm, rms_norm
+from jaxft.nn.norm import Normed, RMSNorm, rms_norm
 from jaxft.nn.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 Params = dict[str, Any]
@@ -42,7 +43,7 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Float[Array, "n h"], cos: Array, sin: Array,
+    def __call__(self, x: Float[Array, "n h"] | Normed, cos: Array, sin: Array,
                  segment: Int[Array, "b t"], window: Int[Array, ""],
                  cache: KVCache | None = None, mask: Array | None = None,
                  cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
@@ -77,7 +78,7 @@ class MLP(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Float[Array, "n h"]) -> Array:
+    def __call__(self, x: Float[Array, "n h"] | Normed) -> Array:
         c = self.config
         kw = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
         det = self.deterministic
@@ -115,11 +116,13 @@ class DecoderLayer(nn.Module):
             kv_index = jnp.broadcast_to(jnp.arange(kv_segment.shape[1], dtype=jnp.int32)[None],
                                         kv_segment.shape)
             mask = attention_mask(q_index, kv_index, q_segment, kv_segment, window)
-        h = RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x)
+        # The norms' outputs go to the projections as their parts (x, rstd, weight): a LoRA
+        # projection recomputes them in its backward pass instead of keeping them.
+        h = RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x, parts=True)
         attn, cache = Attention(c, self.deterministic, name="self_attn")(
             h, cos, sin, q_segment, window, cache, mask, cache_index)
         x = x + attn
-        h = RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
+        h = RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x, parts=True)
         x = x + MLP(c, self.deterministic, name="mlp")(h)
         return x, cache
 
@@ -139,6 +142,8 @@ class Transformer(nn.Module):
     Generation passes a ``cache`` (``init_cache``): keys/values of every layer, ``[L, b, S, hk, d]``
     (a list per layer when unrolled); the call writes its tokens at ``cache_index`` and returns
     ``(logits, new_cache)``. ``kv_segment_ids`` ``[b, S]`` marks cache slots (0 = padding).
+    Training passes ``targets`` ``[b, t]`` instead and gets ``(log p(target), logsumexp)``, each
+    ``[b, t]`` in fp32, computed without materialising the logits (``jaxft.nn.head``).
     """
 
     config: LlamaConfig
@@ -153,6 +158,7 @@ class Transformer(nn.Module):
         cache: Any = None,
         cache_index: Int[Array, ""] | None = None,
         kv_segment_ids: Int[Array, "b s"] | None = None,
+        targets: Int[Array, "b t"] | None = None,
     ) -> Any:
         c = self.config
         dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
@@ -189,6 +195,13 @@ class Transformer(nn.Module):
                     new_cache.append(layer_cache)
         norm = self.param("norm", nn.initializers.ones, (c.hidden_size,), pdt)
         x = rms_norm(x, norm, c.rms_norm_eps)
+        if targets is not None and cache is None:  # (log p(target), lse), no [b, t, V] logits
+            if c.tie_word_embeddings:
+                logp, lse = head_logprobs(x, embedding.astype(dt).T, targets.reshape(b * t))
+            else:
+                logp, lse = Linear(c.vocab_size, name="lm_head", dtype=dt, param_dtype=pdt)(
+                    x, self.deterministic, targets=targets.reshape(b * t))
+            return logp.reshape(b, t), lse.reshape(b, t)
         if c.tie_word_embeddings:
             logits = jnp.dot(x, embedding.astype(dt).T)
         else:
@@ -218,12 +231,15 @@ def forward(
     segment_ids: Int[Array, "b t"] | None = None,
     positions: Int[Array, "b t"] | None = None,
     dropout_rng: jax.Array | None = None,
-) -> Float[Array, "b t v"]:
+    targets: Int[Array, "b t"] | None = None,
+) -> Float[Array, "b t v"] | tuple[Float[Array, "b t"], Float[Array, "b t"]]:
     """Logits of ``tokens``; the pure function researchers import.
 
     ``lora`` is an adapter tree (``'lora'`` collection) or ``None`` for the base model.
     ``segment_ids`` (0 = padding) and ``positions`` (restarting per example) describe packed rows.
-    LoRA dropout is active only when ``dropout_rng`` is given.
+    LoRA dropout is active only when ``dropout_rng`` is given. With ``targets`` (the token each
+    position predicts), returns ``(log p(target), logsumexp)`` instead of the logits: what the
+    losses need, without the ``[b, t, V]`` logits or their gradient ever being stored.
     """
     variables: dict[str, Any] = {"params": params}
     if lora is not None:
@@ -231,7 +247,7 @@ def forward(
     deterministic = dropout_rng is None
     rngs = None if deterministic else {"dropout": dropout_rng}
     return Transformer(config, deterministic).apply(
-        variables, tokens, segment_ids, positions, rngs=rngs
+        variables, tokens, segment_ids, positions, targets=targets, rngs=rngs
     )
 
 

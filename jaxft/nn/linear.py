@@ -21,9 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
+from jaxft.nn.head import head_logprobs, token_logprobs
 from jaxft.nn.lora import LoraWeights, dora_row_norm
+from jaxft.nn.norm import Normed, normed_value
 from jaxft.quant.nf4 import NF4Weight, nf4_dequantize
 
 Initializer = Callable[..., Array]
@@ -92,7 +94,7 @@ def _swiglu_bwd(res: tuple[Array, Array], dh: Array) -> tuple[Array, Array]:
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
-LinearInput = Float[Array, "n i"] | tuple[Float[Array, "n i"], Float[Array, "n i"]]
+LinearInput = Float[Array, "n i"] | tuple[Float[Array, "n i"], Float[Array, "n i"]] | Normed
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -105,18 +107,21 @@ def lora_matmul(
     scaling: float,
     dtype: jnp.dtype,
 ) -> Float[Array, "n o"]:
-    """``h W + s (hd A) B``: PEFT's LoRA forward. ``h = x``, or ``h = swiglu(gate, up)`` when
-    ``x`` is the pair ``(gate, up)``; ``hd = xd`` (the dropped-out input) when given, else ``h``.
+    """``h W + s (hd A) B``: PEFT's LoRA forward. ``h = x``, ``h = swiglu(gate, up)`` when
+    ``x`` is the pair ``(gate, up)``, or RMSNorm's output when ``x`` is a ``Normed``; ``hd = xd``
+    (the dropped-out input) when given, else ``h``.
 
     The custom VJP saves ``x`` (or ``xd``), ``(hd A)^T`` and the weights (an NF4 weight stays
     quantized); a SwiGLU input is recomputed from ``gate`` and ``up``, which its own backward needs
-    anyway. Every product is arranged so that the CPU matmul library takes it as it is
+    anyway, and a normalised input from the norm's input and statistics. Every product is arranged so that the CPU matmul library takes it as it is
     (``_lora_bwd``). The base weight's gradient is computed only when it is differentiated.
     """
     return _lora_apply(x, xd, kernel, a, b, scaling, dtype)[0]
 
 
 def _layer_input(x: LinearInput) -> Array:
+    if isinstance(x, Normed):
+        return x.value()
     return jax.nn.silu(x[0]) * x[1] if isinstance(x, tuple) else x
 
 
@@ -159,7 +164,10 @@ def _lora_bwd(scaling, dtype, res, dy):
     dkernel = None if train_kernel is None else _contract(h, dy, (0, 0)).astype(kernel.dtype)
     if xd is None:
         dh, dhd = dh + dhd, None
-    dx = _swiglu_bwd(x, dh) if isinstance(x, tuple) else dh
+    if isinstance(x, Normed):  # through RMSNorm's scaling: to x, rstd and the norm weight
+        dx = Normed(*jax.vjp(normed_value, *x)[1](dh))
+    else:
+        dx = _swiglu_bwd(x, dh) if isinstance(x, tuple) else dh
     return dx, dhd, dkernel, da, db
 
 
@@ -181,9 +189,16 @@ class Linear(nn.Module):
         x: Float[Array, "... i"],
         deterministic: bool = True,
         gate: Float[Array, "... i"] | None = None,
-    ) -> Array:
+        targets: Int[Array, "..."] | None = None,
+    ) -> Array | tuple[Array, Array]:
         """``x W (+ b)``; with ``gate``, the input is ``swiglu(gate, x)`` (the MLP's down
-        projection), computed inside the layer so that only ``gate`` and ``x`` are kept."""
+        projection), computed inside the layer so that only ``gate`` and ``x`` are kept.
+
+        With ``targets`` (an output layer), returns ``token_logprobs(x W (+ b), targets)``:
+        ``(log p(target), logsumexp)`` in fp32, shaped like ``targets``. A dense layer without
+        bias or adapter computes them with ``head_logprobs``, never forming the logits."""
+        if isinstance(x, Normed) and not self._takes_normed(x, deterministic, gate, targets):
+            x = x.value()
         in_features = x.shape[-1]
         kernel = self.variable(
             "params",
@@ -193,19 +208,43 @@ class Linear(nn.Module):
             ),
         ).value
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, in_features).astype(self.dtype)  # 2-D activations: [B*T, in]
+        if isinstance(x, Normed):  # the LoRA path, which recomputes the norm in its backward
+            x2 = Normed(x.x.reshape(-1, in_features), x.rstd.reshape(-1, 1), x.weight)
+        else:
+            x2 = x.reshape(-1, in_features).astype(self.dtype)  # 2-D activations: [B*T, in]
         gate2 = None if gate is None else gate.reshape(-1, in_features).astype(self.dtype)
         bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        if self.has_variable("lora", "adapter"):
+        has_adapter = self.has_variable("lora", "adapter")
+        if targets is not None and gate is None and bias is None and not has_adapter and not (
+            isinstance(kernel, NF4Weight)
+        ):
+            t = targets.reshape(-1)
+            logp, lse = head_logprobs(x2, kernel.astype(self.dtype), t)
+            return logp.reshape(targets.shape), lse.reshape(targets.shape)
+        if has_adapter:
             adapter: LoraWeights = self.get_variable("lora", "adapter")
             y = self._with_lora(x2, gate2, kernel, adapter, deterministic)
         else:
             y = _matmul(x2 if gate2 is None else swiglu(gate2, x2), kernel, self.dtype)
         if bias is not None:
             y = y + bias.astype(self.dtype)
+        if targets is not None:
+            logp, lse = token_logprobs(y, targets.reshape(-1))
+            return logp.reshape(targets.shape), lse.reshape(targets.shape)
         return y.reshape(*lead, self.features)
+
+    def _takes_normed(self, x: Normed, deterministic: bool, gate: Array | None,
+                      targets: Array | None) -> bool:
+        """Whether ``x`` goes to ``lora_matmul`` as it is: a plain LoRA adapter (no DoRA, no
+        active dropout), no bias, and the norm already in the compute dtype."""
+        if gate is not None or targets is not None or self.use_bias:
+            return False
+        if x.x.dtype != jnp.dtype(self.dtype) or not self.has_variable("lora", "adapter"):
+            return False
+        adapter: LoraWeights = self.get_variable("lora", "adapter")
+        return adapter.m is None and (adapter.dropout == 0.0 or deterministic)
 
     def _with_lora(
         self,

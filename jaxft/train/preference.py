@@ -62,7 +62,10 @@ def sequence_logprobs(
     ``DPOTrainer._compute_loss`` (``trl/trainer/dpo_trainer.py``). The mean divides by
     ``max(count, 1)`` (TRL's IPO clamp), so an empty row gives 0 instead of NaN.
     """
-    logp, _ = token_logprobs(logits, targets)  # [b, t]
+    return _row_sums(token_logprobs(logits, targets)[0], mask, average)
+
+
+def _row_sums(logp: Array, mask: Array, average: bool) -> tuple[Array, Array]:
     keep = mask.astype(bool)
     total = jnp.sum(jnp.where(keep, logp, 0.0), axis=-1)
     count = jnp.sum(keep, axis=-1).astype(jnp.float32)
@@ -94,11 +97,11 @@ def preference_logprobs(
     LoRA policy are the same call with ``lora=None``; wrap them in ``jax.lax.stop_gradient`` or
     precompute them once.
     """
-    logits = forward(config, params, tokens, lora=lora, segment_ids=segment_ids, positions=positions)
+    logp, _ = forward(config, params, tokens, lora=lora, segment_ids=segment_ids,
+                      positions=positions, targets=targets)  # [b, t]: the logits are never kept
     if example_index is None:
-        return sequence_logprobs(logits, targets, completion_mask, average)
+        return _row_sums(logp, completion_mask, average)
     n = tokens.shape[0] if num_examples is None else num_examples
-    logp, _ = token_logprobs(logits, targets)
     keep = completion_mask.astype(bool) & (example_index >= 0)
     ids = jnp.where(keep, example_index, n).reshape(-1)  # masked targets go to a spare segment
     total = jax.ops.segment_sum(jnp.where(keep, logp, 0.0).reshape(-1), ids, n + 1)[:n]

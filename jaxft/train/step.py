@@ -19,7 +19,7 @@ import optax
 
 from jaxft.models.config import LlamaConfig
 from jaxft.models.llama import forward
-from jaxft.train.losses import masked_nll
+from jaxft.train.losses import masked_nll_from_logprobs
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Any, Batch, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
@@ -31,10 +31,10 @@ def sft_loss_fn(config: LlamaConfig, method: str, z_loss: float = 0.0,
 
     def loss_fn(trainable: Any, frozen: Any, batch: Batch, rng: jax.Array | None):
         params, lora = (frozen, trainable) if method == "lora" else (trainable, None)
-        logits = forward(config, params, batch["tokens"], lora=lora,
-                         segment_ids=batch["segment_ids"], positions=batch["positions"],
-                         dropout_rng=rng if use_dropout else None)
-        total, count = masked_nll(logits, batch["targets"], batch["loss_mask"], z_loss)
+        logp, lse = forward(config, params, batch["tokens"], lora=lora,
+                            segment_ids=batch["segment_ids"], positions=batch["positions"],
+                            dropout_rng=rng if use_dropout else None, targets=batch["targets"])
+        total, count = masked_nll_from_logprobs(logp, lse, batch["loss_mask"], z_loss)
         return total, {"tokens": count}
 
     return loss_fn

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxft.nn.linear import Linear, lora_matmul, swiglu
+from jaxft.nn.norm import Normed, rms_norm, rms_stats
 from jaxft.quant.nf4 import nf4_dequantize, nf4_quantize
 
 N, IN, OUT, R, SCALE = 48, 32, 40, 4, 2.0
@@ -98,3 +99,31 @@ def test_nf4_base_without_adapter_keeps_no_dequantized_weight():
     assert not any(
         tuple(leaf.shape) in ((IN, OUT), (OUT, IN)) and leaf.dtype == jnp.float32 for leaf in kept
     )
+
+
+def test_lora_matmul_normed_input_gradients():
+    """RMSNorm's output passed as its parts: the same values and gradients (to the norm's input
+    and weight, the base weight and both factors) as the materialised norm differentiated by JAX,
+    and the layer keeps the norm's input, not its output."""
+    x, _, w, a, b, dy = _arrays(3)
+    scale = jnp.asarray(np.random.default_rng(4).normal(size=IN), jnp.float32)
+
+    def ours(x, scale, w, a, b):
+        return lora_matmul(Normed(x, rms_stats(x, 1e-5), scale), None, w, a, b, SCALE, F32)
+
+    _assert_same_vjp(ours, lambda x, s, w, a, b: _plain(rms_norm(x, s, 1e-5), None, w, a, b),
+                     (x, scale, w, a, b), dy)
+    _, vjp = jax.vjp(lambda x: ours(x, scale, w, a, b), x)
+    kept = [leaf for leaf in jax.tree.leaves(vjp) if leaf.shape == (N, IN)]
+    assert kept and all(np.array_equal(np.asarray(k), np.asarray(x)) for k in kept)  # x only
+
+
+def test_linear_takes_normed_only_on_the_plain_lora_path():
+    """A ``Normed`` input gives the same output as its value on every path of ``Linear``."""
+    x, _, _, _, _, _ = _arrays(5)
+    normed = Normed(x, rms_stats(x, 1e-5), jnp.linspace(0.5, 1.5, IN))
+    layer = Linear(OUT)
+    params = layer.init(jax.random.key(0), x)
+    dense = layer.apply(params, normed)
+    np.testing.assert_allclose(np.asarray(dense), np.asarray(layer.apply(params, normed.value())),
+                               rtol=1e-6, atol=1e-6)
