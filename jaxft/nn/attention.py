@@ -148,8 +148,9 @@ def _attention(q, k, v, segment_ids, window, groups, block):
 
 def _attention_fwd(q, k, v, segment_ids, window, groups, block):
     """Per query block: ``P = exp(S - max)`` (exactly 0 on hidden keys), ``O = P V / rowsum(P)``.
-    Keeps ``q / sqrt(d)``, ``k``, ``v``, the output and each row's log-sum-exp: the backward
-    recomputes ``P`` (under the same mask) rather than keeping every block of it."""
+    Keeps ``q / sqrt(d)``, ``k``, ``v`` and each row's log-sum-exp: the backward recomputes
+    ``P`` (under the same mask) rather than keeping every block of it, and does not need the
+    output (its layer keeps the output in another layout, as the input of ``o_proj``)."""
     qs = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     outs, lses = [], []
     for i in range(q.shape[2] // (block * groups)):
@@ -162,14 +163,16 @@ def _attention_fwd(q, k, v, segment_ids, window, groups, block):
         outs.append(o.astype(q.dtype))
         lses.append(top + jnp.log(jnp.maximum(total, 1.0)))  # [b, hk, rows, 1]
     out = jnp.concatenate(outs, axis=2)  # [b, hk, rows, d]
-    return out, (qs, k, v, out, lses, segment_ids, window)
+    return out, (qs, k, v, lses, segment_ids, window)
 
 
 def _attention_bwd(groups, block, res, d_out):
-    """``dS = P * (dP - rowsum(dO * O))`` per block, with ``P`` recomputed under the mask."""
-    qs, k, v, out, lses, segment_ids, window = res
+    """``dS = P * (dP - rowsum(P * dP))`` per block, with ``P`` recomputed under the mask.
+
+    ``rowsum(P * dP) = dO . (P V) = rowsum(dO * O)``: taken from the block's own ``P`` and
+    ``dP`` (every key a row sees is in its block), so the output is not a residual."""
+    qs, k, v, lses, segment_ids, window = res
     d, t = qs.shape[-1], k.shape[2]
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     dq, dk_t, dv_t = [], jnp.zeros(k.shape[:2] + (d, t), jnp.float32), 0.0  # [b, hk, d, t]
     for i, lse in enumerate(lses):
         rows = slice(i * block * groups, (i + 1) * block * groups)
@@ -177,7 +180,8 @@ def _attention_bwd(groups, block, res, d_out):
         p = jnp.exp(_block_scores(qs, k, segment_ids, window, i, block, groups) - lse)
         do = d_out[:, :, rows]  # [b, hk, block*g, d]
         dp = _dot(do, v[:, :, :n_keys], (3, 3))  # [b, hk, block*g, keys]
-        ds = (p * (dp - delta[:, :, rows])).astype(qs.dtype)
+        delta = jnp.sum(p * dp, axis=-1, keepdims=True)
+        ds = (p * (dp - delta)).astype(qs.dtype)
         dq.append(_dot(ds, k[:, :, :n_keys], (3, 2)))  # [b, hk, block*g, d]
         # dK^T = Q^T dS and dV^T = dO^T P: [d, keys], the fast form of these two products.
         pad = ((0, 0), (0, 0), (0, 0), (0, t - n_keys))
