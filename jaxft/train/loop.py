@@ -28,7 +28,7 @@ from jaxft.train import setup
 from jaxft.train.checkpoint import RunCheckpoints, abstract_with_shardings
 from jaxft.train.metrics import MetricsWriter, plot_preference, plot_run
 from jaxft.train.objectives import REFERENCE_FREE, objective_loss_fn
-from jaxft.train.perf import flops_per_token, peak_flops
+from jaxft.train.perf import CompiledOnFirstCall, flops_per_token, peak_flops
 from jaxft.train.sharding import batch_sharding, make_mesh, tree_shardings
 from jaxft.train.step import make_eval_step, make_step
 
@@ -275,10 +275,11 @@ def _prepare(cfg: Config, say: Callable[..., None]) -> _Run:
         if cfg.train.method == "full":  # the reference copy is no longer needed in memory
             frozen, frozen_sh = {}, {}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = jax.jit(make_step(loss_fn, tx, schedule), in_shardings=(state_sh, frozen_sh, None),
-                      out_shardings=(state_sh, replicated), donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(loss_fn),
-                      in_shardings=(state_sh["trainable"], frozen_sh, None))
+    step_fn = CompiledOnFirstCall(jax.jit(
+        make_step(loss_fn, tx, schedule), in_shardings=(state_sh, frozen_sh, None),
+        out_shardings=(state_sh, replicated), donate_argnums=(0,)))
+    eval_fn = CompiledOnFirstCall(jax.jit(make_eval_step(loss_fn),
+                                          in_shardings=(state_sh["trainable"], frozen_sh, None)))
     # Asynchronous saves on one process; across processes orbax's background finalisation and
     # the training loop's own collectives can interleave differently per process, so save
     # synchronously there.

@@ -7,8 +7,10 @@ attention ``12 * L * S * d`` (full S x S scores, the causal mask not discounted)
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -61,3 +63,43 @@ def peak_flops() -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def release_free_memory() -> str | None:
+    """Return the host allocator's free pages to the OS; the allocator's name, or ``None``.
+
+    XLA's compiler frees a few hundred MB of scratch that glibc malloc and tcmalloc keep mapped;
+    a training step's workspace does not fit in those holes and is mapped on top, so the process
+    would carry both for the whole run. tcmalloc (gperftools, when preloaded):
+    ``MallocExtension_ReleaseFreeMemory``; glibc: ``malloc_trim(0)``.
+    """
+    libc = ctypes.CDLL(None)
+    release = getattr(libc, "MallocExtension_ReleaseFreeMemory", None)
+    if release is not None:
+        release()
+        return "tcmalloc"
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim(0)
+        return "glibc"
+    return None
+
+
+class CompiledOnFirstCall:
+    """A ``jax.jit`` function compiled ahead of its first run, with the compiler's scratch
+    memory returned to the OS (``release_free_memory``) before the executable allocates its
+    workspace. Calls with other argument shapes or types go to the jitted function."""
+
+    def __init__(self, jitted: Any) -> None:
+        self.jitted = jitted
+        self.compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(*args).compile()
+            release_free_memory()
+        try:
+            return self.compiled(*args)
+        except TypeError:  # other shapes or dtypes than the first call's: jit's own cache
+            return self.jitted(*args)
