@@ -197,8 +197,11 @@ class Linear(nn.Module):
         With ``targets`` (an output layer), returns ``token_logprobs(x W (+ b), targets)``:
         ``(log p(target), logsumexp)`` in fp32, shaped like ``targets``. A dense layer without
         bias or adapter computes them with ``head_logprobs``, never forming the logits."""
-        if isinstance(x, Normed) and not self._takes_normed(x, deterministic, gate, targets):
-            x = x.value()
+        if isinstance(x, Normed) and (
+            gate is not None or targets is not None or x.x.dtype != jnp.dtype(self.dtype)
+            or not self.has_variable("lora", "adapter")
+        ):
+            x = x.value()  # only the LoRA path (``_with_lora``) takes the norm's parts
         in_features = x.shape[-1]
         kernel = self.variable(
             "params",
@@ -208,7 +211,7 @@ class Linear(nn.Module):
             ),
         ).value
         lead = x.shape[:-1]
-        if isinstance(x, Normed):  # the LoRA path, which recomputes the norm in its backward
+        if isinstance(x, Normed):  # for lora_matmul, which recomputes the norm in its backward
             x2 = Normed(x.x.reshape(-1, in_features), x.rstd.reshape(-1, 1), x.weight)
         else:
             x2 = x.reshape(-1, in_features).astype(self.dtype)  # 2-D activations: [B*T, in]
@@ -235,20 +238,9 @@ class Linear(nn.Module):
             return logp.reshape(targets.shape), lse.reshape(targets.shape)
         return y.reshape(*lead, self.features)
 
-    def _takes_normed(self, x: Normed, deterministic: bool, gate: Array | None,
-                      targets: Array | None) -> bool:
-        """Whether ``x`` goes to ``lora_matmul`` as it is: a plain LoRA adapter (no DoRA, no
-        active dropout), no bias, and the norm already in the compute dtype."""
-        if gate is not None or targets is not None or self.use_bias:
-            return False
-        if x.x.dtype != jnp.dtype(self.dtype) or not self.has_variable("lora", "adapter"):
-            return False
-        adapter: LoraWeights = self.get_variable("lora", "adapter")
-        return adapter.m is None and (adapter.dropout == 0.0 or deterministic)
-
     def _with_lora(
         self,
-        x2: Array,
+        x2: Array | Normed,
         gate2: Array | None,
         kernel: Array | NF4Weight,
         adapter: LoraWeights,
@@ -258,6 +250,8 @@ class Linear(nn.Module):
         dropout = adapter.dropout > 0.0 and not deterministic
         if gate2 is not None and (dropout or adapter.m is not None):
             x2, gate2 = swiglu(gate2, x2), None  # these paths take the SwiGLU output as input
+        if isinstance(x2, Normed) and (dropout or adapter.m is not None):
+            x2 = x2.value()  # and the normalised input
         xd = nn.Dropout(rate=adapter.dropout, deterministic=False)(x2) if dropout else None
         a = adapter.a.astype(self.dtype)
         b = adapter.b.astype(self.dtype)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxft.nn.linear import Linear, lora_matmul, swiglu
+from jaxft.nn.lora import LoraWeights
 from jaxft.nn.norm import Normed, rms_norm, rms_stats
 from jaxft.quant.nf4 import nf4_dequantize, nf4_quantize
 
@@ -118,12 +119,28 @@ def test_lora_matmul_normed_input_gradients():
     assert kept and all(np.array_equal(np.asarray(k), np.asarray(x)) for k in kept)  # x only
 
 
-def test_linear_takes_normed_only_on_the_plain_lora_path():
-    """A ``Normed`` input gives the same output as its value on every path of ``Linear``."""
-    x, _, _, _, _, _ = _arrays(5)
+@pytest.mark.parametrize("adapter", [None, "lora", "dora", "dropout"])
+def test_linear_normed_input_equals_its_value(adapter):
+    """A ``Normed`` input gives the same output and gradients as its value on every path of
+    ``Linear``: dense, plain LoRA (``lora_matmul`` recomputing the norm), DoRA and active
+    dropout (both materialise it first)."""
+    x, _, w, a, b, dy = _arrays(5)
     normed = Normed(x, rms_stats(x, 1e-5), jnp.linspace(0.5, 1.5, IN))
-    layer = Linear(OUT)
-    params = layer.init(jax.random.key(0), x)
-    dense = layer.apply(params, normed)
-    np.testing.assert_allclose(np.asarray(dense), np.asarray(layer.apply(params, normed.value())),
-                               rtol=1e-6, atol=1e-6)
+    variables = {"params": {"kernel": w}}
+    if adapter is not None:
+        m = jnp.linalg.norm(w, axis=0) * 1.1 if adapter == "dora" else None
+        variables["lora"] = {"adapter": LoraWeights(
+            a, b, m, alpha=8.0, dropout=0.5 if adapter == "dropout" else 0.0)}
+    rngs = {"dropout": jax.random.key(2)} if adapter == "dropout" else None
+
+    def run(xx, scale, value):
+        inp = Normed(xx, rms_stats(xx, 1e-5), scale)
+        inp = inp.value() if value else inp
+        return Linear(OUT).apply(variables, inp, adapter != "dropout", rngs=rngs)
+
+    got, vjp = jax.vjp(lambda xx, s: run(xx, s, False), x, normed.weight)
+    want, ref_vjp = jax.vjp(lambda xx, s: run(xx, s, True), x, normed.weight)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for g, r in zip(vjp(dy), ref_vjp(dy)):
+        err = float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r)))
+        assert err < 1e-6, f"relative gradient error {err:.2e}"
