@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,29 +25,11 @@ import threading
 import time
 from pathlib import Path
 
+from jaxft._host import peak_rss_bytes, rss_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "models" / "llama-3.2-1b.json"
 GB = 1e9
-
-
-def _rss_now() -> int:
-    """Resident set size of this process now, in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss_peak() -> int:
-    """Peak resident set size of this process's address space (``VmHWM``), in bytes.
-
-    Not ``ru_maxrss``: Linux carries that across ``execve`` from the process that spawned this
-    one, so a child started by a parent holding a freshly written checkpoint would report the
-    parent's size.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class _Sampler(threading.Thread):
@@ -133,7 +114,7 @@ def child(path: str, mode: str) -> None:
     from jaxft.quant import NF4Weight
 
     jax.numpy.zeros(1).block_until_ready()  # initialise the backend before the baseline
-    baseline, baseline_peak = _rss_now(), _rss_peak()
+    baseline, baseline_peak = rss_bytes(), peak_rss_bytes()
     sampler = _Sampler()
     sampler.start()
     t0 = time.perf_counter()
@@ -141,7 +122,7 @@ def child(path: str, mode: str) -> None:
     jax.block_until_ready(params)
     seconds = time.perf_counter() - t0
     sampled = sampler.stop()
-    peak, after = _rss_peak(), _rss_now()
+    peak, after = peak_rss_bytes(), rss_bytes()
     nf4 = dense = 0
     for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, NF4Weight)):
         if isinstance(leaf, NF4Weight):

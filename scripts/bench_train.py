@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -67,12 +66,16 @@ def _tokens():
 
 
 def _usage() -> dict[str, float]:
+    import resource
+
     r = resource.getrusage(resource.RUSAGE_SELF)
     return {"user_s": r.ru_utime, "sys_s": r.ru_stime, "minflt": float(r.ru_minflt)}
 
 
 def _timed_loop(run_step, warmup: int, steps: int) -> dict:
     """Warm-up steps (compilation included), then ``steps`` timed steps, each run to completion."""
+    from jaxft._host import peak_rss_bytes  # no JAX import: also used by the peft worker
+
     losses = [run_step(i) for i in range(warmup)]
     before, times = _usage(), []
     for i in range(warmup, warmup + steps):
@@ -86,7 +89,7 @@ def _timed_loop(run_step, warmup: int, steps: int) -> dict:
         "step_s_median": statistics.median(times),
         "step_s": times,
         "losses": losses,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,  # VmHWM: not the driver's ru_maxrss
         **{k: after[k] - before[k] for k in after},
     }
 
@@ -137,7 +140,8 @@ def worker_jaxft(
         return float(jax.block_until_ready(metrics)["loss"])
 
     if profile_dir:
-        return _profile(jitted.lower(state, params, batch(0)).compile(), run_step, profile_dir)
+        step.compiled = jitted.lower(state, params, batch(0)).compile()  # compiled once
+        return _profile(step.compiled, run_step, profile_dir)
     out = _timed_loop(run_step, warmup, steps)
     out["flops_per_token"] = flops_per_token(config, lora, "lora", SEQ)
     out["versions"] = {"jax": jax.__version__}
@@ -235,19 +239,9 @@ def worker_peft(model_dir: str, quant: bool, warmup: int, steps: int) -> dict:
 
 
 def worker_dot(n: int, reps: int) -> dict:
-    import jax
-    import jax.numpy as jnp
+    from jaxft.train.perf import matmul_rate
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return {"flops_per_s": 2.0 * n**3 / best, "n": n}
+    return {"flops_per_s": matmul_rate(n, reps), "n": n}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -315,7 +309,9 @@ def run_worker(env: dict[str, str], *args: str, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def summarize(runs: list[dict], peak: float) -> dict:
+def summarize(runs: list[dict], peak: float, flops: float | None) -> dict:
+    """Medians over repetitions; MFU from ``flops`` per token (jaxft's count for the mode, from
+    ``jaxft.train.perf.flops_per_token``: both stacks do the same work), if known."""
     med = lambda key: statistics.median(r[key] for r in runs)
     out = {
         k: med(k)
@@ -323,14 +319,9 @@ def summarize(runs: list[dict], peak: float) -> dict:
     }
     out["tokens_per_s_all"] = [r["tokens_per_s"] for r in runs]
     out["first_loss"], out["last_loss"] = runs[0]["losses"][0], runs[0]["losses"][-1]
-    flops = runs[0].get("flops_per_token")
-    if flops is not None:
-        out["flops_per_token"] = flops
-    out["mfu"] = out["tokens_per_s"] * (flops or FLOPS_PER_TOKEN) / peak
+    out["flops_per_token"] = flops
+    out["mfu"] = None if flops is None else out["tokens_per_s"] * flops / peak
     return out
-
-
-FLOPS_PER_TOKEN = 4 * 27_787_264 + 6 * 1_196_032 + 12 * LAYERS * SEQ * HIDDEN  # 143.49 M
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -363,12 +354,20 @@ def bench(args: argparse.Namespace) -> dict:
         res = {
             "env": {k: v for k, v in env.items() if k in ("LD_PRELOAD", *GLIBC_MALLOC_ENV)},
             "dot_flops_per_s": max(d["flops_per_s"] for d in dots[alloc]),
-            "cells": {f"{s}/{m}": summarize(r, peak) for (m, s), r in runs[alloc].items()},
+            "cells": {
+                f"{s}/{m}": summarize(r, peak, _flops(runs[alloc], m))
+                for (m, s), r in runs[alloc].items()
+            },
             "runs": {f"{s}/{m}": r for (m, s), r in runs[alloc].items()},
         }
         res.update(_ratios(res["cells"], args.stacks))
         results["allocators"][alloc] = res
     return results
+
+
+def _flops(runs: dict, mode: str) -> float | None:
+    jaxft_runs = runs.get((mode, "jaxft"))
+    return jaxft_runs[0]["flops_per_token"] if jaxft_runs else None
 
 
 def _ratios(c: dict, stacks: list[str]) -> dict[str, float]:
@@ -395,9 +394,10 @@ def print_table(results: dict) -> None:
     print("-" * len(head))
     for alloc, res in results["allocators"].items():
         for name, c in res["cells"].items():
+            mfu = "n/a" if c["mfu"] is None else f"{100 * c['mfu']:5.1f}%"
             print(
                 f"{alloc:12s} {name:12s} {c['tokens_per_s']:9.0f} {1e3 * c['step_s_median']:8.0f}"
-                f" {100 * c['mfu']:5.1f}% {c['peak_rss_mb']:7.0f} {c['user_s']:7.1f}"
+                f" {mfu:>6s} {c['peak_rss_mb']:7.0f} {c['user_s']:7.1f}"
                 f" {c['sys_s']:6.1f} {c['minflt']:9.0f}"
                 f" {c['first_loss']:7.4f} -> {c['last_loss']:.4f}"
             )

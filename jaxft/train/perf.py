@@ -7,15 +7,16 @@ attention ``12 * L * S * d`` (full S x S scores, the causal mask not discounted)
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxft._host import release_free_memory
 from jaxft.models.config import LlamaConfig
 
 # Dense bf16 peak FLOP/s per chip (vendor figures).
@@ -53,47 +54,34 @@ def peak_flops() -> float:
             if name.lower() in kind.lower():
                 return rate * jax.local_device_count()
         return 0.0
-    n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+    return matmul_rate()
+
+
+def matmul_rate(n: int = 1024, reps: int = 3) -> float:
+    """Best fp32 FLOP/s of a jitted ``n x n`` by ``n x n`` ``jnp.dot`` on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
     best = float("inf")
-    for _ in range(3):
+    for _ in range(reps):
         t = time.perf_counter()
-        f(a).block_until_ready()
+        f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def release_free_memory() -> str | None:
-    """Return the host allocator's free pages to the OS; the allocator's name, or ``None``.
-
-    XLA's compiler frees a few hundred MB of scratch that glibc malloc and tcmalloc keep mapped;
-    a training step's workspace does not fit in those holes and is mapped on top, so the process
-    would carry both for the whole run. tcmalloc (gperftools, when preloaded):
-    ``MallocExtension_ReleaseFreeMemory``; glibc: ``malloc_trim(0)``.
-    """
-    libc = ctypes.CDLL(None)
-    release = getattr(libc, "MallocExtension_ReleaseFreeMemory", None)
-    if release is not None:
-        release()
-        return "tcmalloc"
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim.argtypes = [ctypes.c_size_t]
-        trim(0)
-        return "glibc"
-    return None
+    return 2.0 * n**3 / best
 
 
 class CompiledOnFirstCall:
     """A ``jax.jit`` function compiled ahead of its first run, with the compiler's scratch
     memory returned to the OS (``release_free_memory``) before the executable allocates its
-    workspace. Calls with other argument shapes or types go to the jitted function."""
+    workspace. A call whose arguments differ in structure, shape or dtype from the first call's
+    goes to the jitted function (compiled again, with a warning the first time); a sharding
+    mismatch raises, as it does for any compiled executable."""
 
     def __init__(self, jitted: Any) -> None:
         self.jitted = jitted
         self.compiled: Callable[..., Any] | None = None
+        self._warned = False
 
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
@@ -101,5 +89,9 @@ class CompiledOnFirstCall:
             release_free_memory()
         try:
             return self.compiled(*args)
-        except TypeError:  # other shapes or dtypes than the first call's: jit's own cache
+        except TypeError as e:  # the executable checks its arguments before running
+            if not self._warned:
+                warnings.warn(f"arguments differ from the first call's, compiling again: {e}",
+                              stacklevel=2)
+                self._warned = True
             return self.jitted(*args)

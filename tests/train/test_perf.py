@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from jaxft._host import peak_rss_bytes, release_free_memory, rss_bytes
 from jaxft.train import perf
-from jaxft.train.perf import CompiledOnFirstCall, release_free_memory
+from jaxft.train.perf import CompiledOnFirstCall
 
 
 def test_release_free_memory_names_the_allocator():
-    # This process runs glibc malloc (no tcmalloc preloaded under pytest).
-    assert release_free_memory() == "glibc"
+    preloaded = "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+    assert release_free_memory() == ("tcmalloc" if preloaded else "glibc")
+
+
+def test_peak_rss_is_this_process_not_its_parent(tmp_path):
+    """A child of a large parent reports its own peak (``ru_maxrss`` would report the parent's)."""
+    block = np.ones(200 * 2**20 // 8)  # this process: at least 200 MB resident
+    assert peak_rss_bytes() >= rss_bytes() >= block.nbytes
+    code = "from jaxft._host import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout)
+    assert child < 100 * 2**20 < block.nbytes
 
 
 def test_compiled_on_first_call(monkeypatch):
@@ -33,6 +49,7 @@ def test_compiled_on_first_call(monkeypatch):
         out = step(out[0], b)
     assert traces == [(6,)] and released == [1]
     np.testing.assert_array_equal(out[0], (np.arange(6.0) * 2 + 1) * 8 + 7)
-    other = step(jnp.arange(4.0), jnp.ones(4))  # another shape goes to jit's own cache
+    with pytest.warns(UserWarning, match="compiling again"):
+        other = step(jnp.arange(4.0), jnp.ones(4))  # another shape goes to jit's own cache
     np.testing.assert_array_equal(other[0], np.arange(4.0) * 2 + 1)
     assert traces == [(6,), (4,)] and released == [1]
