@@ -33,9 +33,11 @@ def restore_trained(run_dir: str | Path, which: str = "auto") -> tuple[Config, A
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     config, params = setup.load_model(cfg)
-    trainable, _ = setup.split_trainable(cfg, config, params, jax.random.PRNGKey(0))
     tx, _ = setup.make_tx(cfg)
-    abstract = jax.eval_shape(lambda t: init_state(t, tx, cfg.train.seed), trainable)
+    # Shapes only: no copy of the trainable tree (the whole model, for full fine-tuning) is made.
+    abstract = jax.eval_shape(lambda p: init_state(
+        setup.split_trainable(cfg, config, p, jax.random.PRNGKey(0))[0], tx, cfg.train.seed),
+        params)
     ckpts = RunCheckpoints(run_dir, async_save=False)
     try:
         manager = ckpts.latest

@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxft.config import Config, save_config
-from jaxft.errors import ConfigError, JaxftError
+from jaxft.errors import ConfigError, DataError, JaxftError
 from jaxft.train import setup
 from jaxft.train.checkpoint import RunCheckpoints, abstract_with_shardings
 from jaxft.train.metrics import MetricsWriter, plot_preference, plot_run
@@ -146,8 +146,11 @@ def _evaluate(eval_step: Any, state: dict, frozen: Any, val_iter: Any, start_sta
     count = len(local)
     if jax.process_count() > 1:  # every process must run the same number of batches
         count = int(np.max(multihost_utils.process_allgather(np.asarray(count))))
-    if not local:
+    if count == 0:
         return {"val_loss": float("nan")}
+    if not local:  # the others run `count` batches; this one has no batch to shape a pad from
+        raise DataError(f"the validation split gives process {jax.process_index()} no batch while "
+                        f"others have {count}: give it at least one batch per process")
     empty = {k: np.zeros_like(v) for k, v in local[0].items()}
     sums: dict[str, float] = {}
     for i in range(count):
@@ -175,7 +178,9 @@ def _precompute_reference(cfg: Config, config: Any, frozen: Any, train_iter: Any
     n_train = cfg.train.steps * cfg.train.grad_accum
     if path.exists():
         cached = np.load(path)
-        if cached["train"].shape[0] >= min(n_train, 1):
+        # A table covers the run if it was built for at least as many micro-batches (it is
+        # shorter only when the data ran out first); a resume with more steps builds it again.
+        if "n_train" in cached.files and int(cached["n_train"]) >= n_train:
             return cached["train"], (cached["val"] if cached["val"].size else None)
 
     @jax.jit
@@ -191,7 +196,7 @@ def _precompute_reference(cfg: Config, config: Any, frozen: Any, train_iter: Any
         start = val_iter.state()
         val_table = _reference_table(ref_fn, frozen, val_iter, start, 1 << 30, mesh, rules)
     if jax.process_index() == 0:
-        np.savez(path, train=train_table,
+        np.savez(path, train=train_table, n_train=np.int64(n_train),
                  val=val_table if val_table is not None else np.zeros((0,), np.float32))
     return train_table, val_table
 
@@ -405,6 +410,7 @@ def train(cfg: Config, *, progress: bool = True, batch_hook: BatchHook | None = 
                 if (improved or last_step or stop_early or preempt.requested
                         or (t.save_every and step % t.save_every == 0)):
                     run.save(step, best=improved)
+                t_prev = time.perf_counter()  # the next step's rate leaves out eval and save
                 if stop_early:
                     status = "early_stopped"
                     say(f"\nearly stopping at step {step}: no validation improvement in "

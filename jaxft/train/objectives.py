@@ -65,6 +65,8 @@ def preference_loss_fn(config: LlamaConfig, method: str, objective: str, num_exa
         elif objective not in REFERENCE_FREE:
             ref, _ = jax.lax.stop_gradient(logprobs(ref_params, None, batch))
         avg = lp / jnp.maximum(count, 1.0)
+        # Mean NLL of the valid chosen completions' tokens (DPO's optional SFT term, ORPO's).
+        chosen_nll = -jnp.sum(lp[:b] * valid) / jnp.maximum(jnp.sum(count[:b] * valid), 1.0)
         if objective in ("dpo", "hinge", "ipo"):
             loss_type = {"dpo": "sigmoid", "hinge": "hinge", "ipo": "ipo"}[objective]
             counts = dict(chosen_count=count[:b], rejected_count=count[b:]) \
@@ -72,16 +74,17 @@ def preference_loss_fn(config: LlamaConfig, method: str, objective: str, num_exa
             loss, metrics = dpo_loss(lp[:b], lp[b:], ref[:b], ref[b:], beta, loss_type,
                                      valid=valid, **counts)
             if sft_weight:
-                nll = -jnp.sum(lp[:b] * valid) / jnp.maximum(jnp.sum(count[:b] * valid), 1.0)
-                metrics["nll_chosen"] = nll
-                loss = loss + sft_weight * nll
+                metrics["nll_chosen"] = chosen_nll
+                loss = loss + sft_weight * chosen_nll
         elif objective == "kto":
             loss, metrics = kto_loss(lp[:b], ref[:b], lp[b:], ref[b:],
                                      batch["label"].astype(jnp.float32), beta,
                                      desirable_weight, undesirable_weight, valid=valid)
         elif objective == "orpo":
-            nll = -jnp.sum(lp[:b] * valid) / jnp.maximum(jnp.sum(count[:b] * valid), 1.0)
-            loss, metrics = orpo_loss(avg[:b], avg[b:], nll, beta, valid=valid)
+            # The chosen completion's NLL given the prompt (the ORPO paper's L_SFT). TRL's
+            # trainer also counts the prompt tokens; ``orpo_loss`` takes either, and its parity
+            # tests use TRL's.
+            loss, metrics = orpo_loss(avg[:b], avg[b:], chosen_nll, beta, valid=valid)
         elif objective == "simpo":
             loss, metrics = simpo_loss(avg[:b], avg[b:], beta, simpo_gamma, valid=valid)
         else:

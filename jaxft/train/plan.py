@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec
 
 from jaxft.config import Config
 from jaxft.models.config import LlamaConfig
+from jaxft.nn.head import chunk_rows
 from jaxft.train import setup
 from jaxft.train.perf import flops_per_token
 from jaxft.train.sharding import tree_specs
@@ -86,7 +87,9 @@ def plan(cfg: Config, num_devices: int) -> PlanReport:
     else:
         per_layer = s * micro * h * (34 + 5 * a * s / h)
     act = c.num_layers * per_layer / max(mesh["tensor"], 1)
-    act += micro * s * c.vocab_size * 4 * 2  # fp32 logits and their gradient
+    # The output layer keeps no logits (jaxft.nn.head): one chunk of fp32 logits and its
+    # probabilities exist at a time.
+    act += chunk_rows(micro * s, c.vocab_size) * c.vocab_size * 4 * 2
     return PlanReport(config, mesh, int(base_params), int(n_train), base_b, train_b, opt_b,
                       act, flops_per_token(config, trainable, cfg.train.method, s))
 

@@ -61,29 +61,33 @@ def _run(tmp_path, inputs, *overrides, kto=False):
     return result, read_metrics(tmp_path / "run" / "metrics.jsonl")
 
 
-@pytest.mark.parametrize("beta", [0.1, 1.0])
-def test_dpo_learns_held_out_preferences(setup, tmp_path, beta):
+@pytest.fixture(scope="module")
+def dpo_runs(setup, tmp_path_factory):
+    """One DPO run per beta, shared by the tests below (whatever order or selection runs them)."""
     _, inputs = setup
-    result, records = _run(tmp_path, inputs, "train.objective=dpo", f"train.beta={beta}",
-                           "train.steps=60", "train.eval_every=20")
+    runs = {}
+    for beta in (0.1, 1.0):
+        out = tmp_path_factory.mktemp(f"dpo-{beta}")
+        result, records = _run(out, inputs, "train.objective=dpo", f"train.beta={beta}",
+                               "train.steps=60", "train.eval_every=20")
+        runs[beta] = (out, result, [r for r in records if "val_loss" in r])
+    return runs
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_dpo_learns_held_out_preferences(dpo_runs, beta):
+    out, result, vals = dpo_runs[beta]
     assert result.status == "completed"
-    vals = [r for r in records if "val_loss" in r]
     assert vals[0]["step"] == 0 and 0.2 <= vals[0]["val_policy_accuracy"] <= 0.8  # ~chance
     assert vals[-1]["val_rewards/accuracies"] >= 0.9 and vals[-1]["val_policy_accuracy"] >= 0.9
     assert vals[-1]["val_loss"] < vals[0]["val_loss"]
-    assert (tmp_path / "run" / "preference.png").stat().st_size > 10_000
-    test_dpo_learns_held_out_preferences.kl[beta] = vals[-1]["val_kl_ref"]
+    assert (out / "run" / "preference.png").stat().st_size > 10_000
 
 
-test_dpo_learns_held_out_preferences.kl = {}
-
-
-def test_higher_beta_stays_closer_to_reference():
+def test_higher_beta_stays_closer_to_reference(dpo_runs):
     # With Adam both runs move at the same speed at first; the larger beta saturates its loss
     # sooner and stops pulling away from the reference (measured: 0.71 vs 0.95 nats/token).
-    kl = test_dpo_learns_held_out_preferences.kl
-    if len(kl) < 2:
-        pytest.skip("needs both DPO runs of this module")
+    kl = {beta: vals[-1]["val_kl_ref"] for beta, (_, _, vals) in dpo_runs.items()}
     assert abs(kl[1.0]) < abs(kl[0.1])
 
 
