@@ -67,26 +67,28 @@ def _generate(config: LlamaConfig, sampling: Sampling, params: Any, lora: Any,
     kv_segment = jnp.concatenate([segment, jnp.ones((b, n), jnp.int32)], axis=1)
     cache = init_cache(config, b, p + n)
     logits, cache = model.apply(variables, tokens, segment, positions, cache, 0, kv_segment)
-    out = jnp.full((b, n), pad_id, jnp.int32)
-    done = jnp.zeros((b,), bool)
     next_pos = positions[:, -1] + 1
+    # The first new token comes from the prompt's logits; each iteration then feeds the previous
+    # token and samples the next, so no forward pass is spent after the last token.
+    tok = _sample(logits[:, -1], jax.random.fold_in(rng, 0), sampling)
+    out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, end_ids)
 
     def cond(carry: tuple) -> jax.Array:
         i, _, _, done, _, _ = carry
         return (i < n) & ~jnp.all(done)
 
     def body(carry: tuple) -> tuple:
-        i, last, out, done, cache, pos = carry
-        tok = _sample(last, jax.random.fold_in(rng, i), sampling)
+        i, prev, out, done, cache, pos = carry
+        logits, cache = model.apply(variables, prev[:, None], jnp.ones((b, 1), jnp.int32),
+                                    pos[:, None], cache, p + i - 1, kv_segment)
+        tok = _sample(logits[:, -1], jax.random.fold_in(rng, i), sampling)
         tok = jnp.where(done, pad_id, tok)
         out = out.at[:, i].set(tok)
-        done = done | jnp.isin(tok, end_ids)
-        logits, cache = model.apply(variables, tok[:, None], jnp.ones((b, 1), jnp.int32),
-                                    pos[:, None], cache, p + i, kv_segment)
-        return i + 1, logits[:, -1], out, done, cache, pos + 1
+        return i + 1, tok, out, done | jnp.isin(tok, end_ids), cache, pos + 1
 
-    carry = (jnp.int32(0), logits[:, -1], out, done, cache, next_pos)
-    i, _, out, done, _, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), tok, out, done, cache, next_pos)
+    _, _, out, done, _, _ = jax.lax.while_loop(cond, body, carry)
     return out, done
 
 
@@ -116,9 +118,9 @@ def generate_ids(
     out, _ = _generate(config, sampling, params, lora, jnp.asarray(tokens),
                        jnp.asarray(segment), jnp.asarray(positions), jax.random.PRNGKey(seed),
                        jnp.asarray(ends), jnp.int32(pad_id))
-    result = []
+    result, stop = [], set(end_ids)
     for row in np.asarray(out).tolist():
-        cut = next((k + 1 for k, t in enumerate(row) if t in set(end_ids)), len(row))
+        cut = next((k + 1 for k, t in enumerate(row) if t in stop), len(row))
         result.append(row[:cut])
     return result
 
