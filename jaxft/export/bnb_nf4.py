@@ -14,26 +14,17 @@ import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxft.models.config import LlamaConfig
-from jaxft.models.hf import copy_side_files, hf_tensor, np_dtype
-from jaxft.models.hf_keys import KeyEntry, key_table
+from jaxft.models.hf import copy_side_files, hf_tensor, np_dtype, param_value
+from jaxft.models.hf_keys import key_table
 from jaxft.models.llama import Params
 from jaxft.models.safetensors_io import save_file
 from jaxft.quant import NF4Weight, bnb_quantization_config, nf4_quantize, nf4_to_bnb
-
-
-def _param(params: Params, entry: KeyEntry, scan_layers: bool) -> Any:
-    """The value of ``entry`` in ``params``, one layer sliced out of a scanned stack."""
-    value = functools.reduce(lambda tree, k: tree[k], entry.param_path(scan_layers), params)
-    if entry.layer is not None and scan_layers:
-        value = jax.tree.map(lambda x: x[entry.layer], value)
-    return value
 
 
 def _module_tensors(
@@ -45,7 +36,7 @@ def _module_tensors(
         if not entry.is_linear_weight:
             yield {entry.hf_name: hf_tensor(params, entry, config.scan_layers, npdt)}
             continue
-        q = _param(params, entry, config.scan_layers)
+        q = param_value(params, entry, config.scan_layers)
         if not isinstance(q, NF4Weight):
             # As bitsandbytes quantizes the [out, in] weight it loaded in the checkpoint's dtype.
             q = quantize(jnp.asarray(hf_tensor(params, entry, config.scan_layers, npdt)))

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxft.errors import CheckpointError
 from jaxft.models.config import LlamaConfig
-from jaxft.models.hf_keys import IGNORED_SUFFIXES, KeyEntry, key_table
+from jaxft.models.hf_keys import IGNORED_SUFFIXES, KeyEntry, get_path, key_table, set_path
 from jaxft.models.llama import Params, abstract_params
 from jaxft.models.safetensors_io import SafetensorsFile, save_file
 from jaxft.quant.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
@@ -67,20 +67,8 @@ def open_checkpoint(root: Path) -> dict[str, SafetensorsFile]:
     raise CheckpointError(f"{root}: no model.safetensors or model.safetensors.index.json found")
 
 
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def _expected_hf_shape(abstract: Params, entry: KeyEntry, scan: bool) -> tuple[int, ...]:
-    shape = tuple(_get(abstract, entry.param_path(scan)).shape)
+    shape = tuple(get_path(abstract, entry.param_path(scan)).shape)
     if entry.layer is not None and scan:
         shape = shape[1:]
     return shape[::-1] if entry.transpose else shape
@@ -140,7 +128,7 @@ def load_hf(
                 buf = _host_empty(value.shape, pdt)
                 buf[...] = value  # the one copy out of the file, cast to the parameter dtype
                 value = jax.device_put(buf, may_alias=True)
-            _set(params, path, value)
+            set_path(params, path, value)
             continue
         if path not in stacks:
             stacks[path] = _host_stack(value, config.num_layers, pdt)
@@ -148,7 +136,7 @@ def load_hf(
             buf[entry.layer] = x
         filled[path] = filled.get(path, 0) + 1
         if filled[path] == config.num_layers:
-            _set(params, path, jax.device_put(stacks.pop(path), may_alias=True))
+            set_path(params, path, jax.device_put(stacks.pop(path), may_alias=True))
     return config, params
 
 
@@ -206,11 +194,17 @@ def _check_names(
         )
 
 
-def hf_tensor(params: Params, entry: KeyEntry, scan_layers: bool, dtype: np.dtype) -> np.ndarray:
-    """The HF-layout tensor of ``entry`` from ``params`` (NF4 weights are dequantized)."""
-    value = _get(params, entry.param_path(scan_layers))
+def param_value(params: Params, entry: KeyEntry, scan_layers: bool) -> Any:
+    """The value of ``entry`` in ``params``, its layer sliced out of a scanned stack."""
+    value = get_path(params, entry.param_path(scan_layers))
     if entry.layer is not None and scan_layers:
         value = jax.tree.map(lambda x: x[entry.layer], value)
+    return value
+
+
+def hf_tensor(params: Params, entry: KeyEntry, scan_layers: bool, dtype: np.dtype) -> np.ndarray:
+    """The HF-layout tensor of ``entry`` from ``params`` (NF4 weights are dequantized)."""
+    value = param_value(params, entry, scan_layers)
     if isinstance(value, NF4Weight):
         return np.asarray(nf4_dequantize(value, jnp.float32)).astype(dtype)
     arr = np.asarray(value)

@@ -8,6 +8,8 @@ Import (``load_hf``) and export (``save_hf``, PEFT and bitsandbytes writers) all
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 from jaxft.models.config import LlamaConfig
 
@@ -82,3 +84,17 @@ def key_table(config: LlamaConfig) -> list[KeyEntry]:
 
 # Tensors some checkpoints carry that are derived, not learned: safe to ignore on import.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def get_path(tree: Any, path: Sequence[str]) -> Any:
+    """``tree[path[0]][path[1]]...``: a parameter by its path (``KeyEntry.param_path``)."""
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def set_path(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    """Put ``value`` at ``path`` in a nested dict, creating the dicts on the way."""
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value

@@ -9,7 +9,6 @@ export names the modules, so the formats cannot drift apart.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,10 @@ import numpy as np
 from jaxft.errors import CheckpointError
 from jaxft.models.config import LlamaConfig
 from jaxft.models.hf import np_dtype
-from jaxft.models.hf_keys import LINEAR_MODULES, key_table
+from jaxft.models.hf_keys import LINEAR_MODULES, key_table, set_path
 from jaxft.models.safetensors_io import SafetensorsFile, save_file
 from jaxft.nn.lora import LoraWeights
-from jaxft.peft.lora import Params, _set, iter_adapters
+from jaxft.peft.lora import Params, iter_adapters, pattern_value
 
 PREFIX = "base_model.model."
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -135,8 +134,7 @@ def load_peft(adapter_dir: str | Path, config: LlamaConfig, dtype: str = "float3
         m = np.asarray(f.get(m_key)).astype(npdt) if m_key in names else None
         used.update(k for k in (a_key, b_key, m_key) if k in names)
         name = e.module.rsplit(".", 1)[-1]
-        r = int(a.shape[1])
-        alpha = float(_pattern(cfg.get("alpha_pattern") or {}, e.module, cfg.get("lora_alpha", 8)))
+        alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, e.module, cfg.get("lora_alpha", 8)))
         by_path.setdefault(e.param_path(config.scan_layers)[:-1], []).append(
             {"a": a, "b": b, "m": m, "alpha": alpha, "layer": e.layer, "name": name})
     unexpected = sorted(names - used)
@@ -161,13 +159,6 @@ def load_peft(adapter_dir: str | Path, config: LlamaConfig, dtype: str = "float3
         ad = LoraWeights(stack([it["a"] for it in items]), stack([it["b"] for it in items]), m,
                          alpha=items[0]["alpha"], rslora=bool(cfg.get("use_rslora", False)),
                          dropout=float(cfg.get("lora_dropout", 0.0)))
-        _set(lora, (*path, "adapter"), ad)
+        set_path(lora, (*path, "adapter"), ad)
     return lora
-
-
-def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return value
-    return default
 

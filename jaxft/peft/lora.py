@@ -11,7 +11,7 @@ Reference: peft/tuners/lora/layer.py (``update_layer``, ``reset_lora_parameters`
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 
 from jaxft.errors import ConfigError
 from jaxft.models.config import LlamaConfig
-from jaxft.models.hf_keys import LINEAR_MODULES, KeyEntry, key_table
+from jaxft.models.hf_keys import LINEAR_MODULES, KeyEntry, get_path, key_table, set_path
 from jaxft.nn.linear import base_kernel
-from jaxft.nn.lora import LoraWeights, dora_row_norm
+from jaxft.nn.lora import LoraWeights
 
 Params = dict[str, Any]
 
@@ -60,16 +60,17 @@ class LoraSpec:
         return any(t == name or re.fullmatch(t, module_path) for t in self.targets)
 
     def rank_alpha(self, hf_module: str) -> tuple[int, float]:
-        r, alpha = self.r, self.alpha
-        for key, value in self.rank_pattern.items():
-            if re.match(rf"(.*\.)?{key}$", hf_module):
-                r = int(value)
-                break
-        for key, value in self.alpha_pattern.items():
-            if re.match(rf"(.*\.)?{key}$", hf_module):
-                alpha = float(value)
-                break
-        return r, alpha
+        return (int(pattern_value(self.rank_pattern, hf_module, self.r)),
+                float(pattern_value(self.alpha_pattern, hf_module, self.alpha)))
+
+
+def pattern_value(patterns: Mapping[str, Any], hf_module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the end
+    of the module's dotted name, else ``default``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", hf_module):
+            return value
+    return default
 
 
 def _module_path(entry: KeyEntry) -> str:
@@ -87,18 +88,6 @@ def adapted_entries(config: LlamaConfig, spec: LoraSpec) -> list[KeyEntry]:
     return [e for e in key_table(config) if e.is_linear_weight and spec.selects(_module_path(e))]
 
 
-def _get(tree: Any, path: Sequence[str]) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
 def lora_init(
     rng: jax.Array, config: LlamaConfig, params: Params, spec: LoraSpec,
     dtype: jnp.dtype = jnp.float32,
@@ -110,7 +99,7 @@ def lora_init(
     for e in adapted_entries(config, spec):
         groups.setdefault(e.param_path(config.scan_layers), []).append(e)
     for i, (path, entries) in enumerate(sorted(groups.items())):
-        kernel = _get(params, path)
+        kernel = get_path(params, path)
         r, alpha = spec.rank_alpha(entries[0].module)
         if config.scan_layers and any(spec.rank_alpha(e.module) != (r, alpha) for e in entries):
             raise ConfigError(
@@ -127,7 +116,7 @@ def lora_init(
             m = _row_norm(kernel, config.scan_layers).astype(dtype)
         adapter = LoraWeights(a, b, m, alpha=float(alpha), rslora=spec.rslora,
                               dropout=float(spec.dropout))
-        _set(lora, (*path[:-1], "adapter"), adapter)
+        set_path(lora, (*path[:-1], "adapter"), adapter)
     if not lora:
         raise ConfigError(f"lora.targets {list(spec.targets)} selected no layer of the model")
     return lora
@@ -175,12 +164,12 @@ def lora_merge(config: LlamaConfig, params: Params, lora: Params, dtype: str | N
         return w_new.astype(out_dtype)
 
     for path, adapter in iter_adapters(lora):
-        kernel = _get(params, (*path, "kernel"))
+        kernel = get_path(params, (*path, "kernel"))
         if config.scan_layers:
             value = jax.vmap(merge_one)(kernel, adapter)
         else:
             value = merge_one(kernel, adapter)
-        _set(merged, (*path, "kernel"), value)
+        set_path(merged, (*path, "kernel"), value)
     return merged
 
 
@@ -195,7 +184,6 @@ __all__ = [
     "LoraWeights",
     "adapted_entries",
     "count_lora_params",
-    "dora_row_norm",
     "iter_adapters",
     "lora_init",
     "lora_merge",
