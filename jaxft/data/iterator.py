@@ -45,6 +45,10 @@ class ResumableIterator:
 
     _feed: Prefetcher
     _checked: tuple[str, ...] = ()
+    row_ids: np.ndarray
+    cfg: DataConfig
+    process_index: int
+    process_count: int
 
     def _initial_state(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -52,6 +56,16 @@ class ResumableIterator:
     @staticmethod
     def _carry_state(carry: list) -> list:
         return [list(b) for b in carry]
+
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        """This process's row ids for ``epoch``, in order."""
+        return epoch_rows(self.row_ids, self.cfg, epoch, self.process_index, self.process_count)
+
+    def _snapshot(self, epoch: int, window: int, emitted: int, carry: list,
+                  stats: dict[str, Any]) -> dict[str, Any]:
+        """The state after ``emitted`` batches of ``window`` of ``epoch``."""
+        return {**self._initial_state(), "epoch": epoch, "window": window, "emitted": emitted,
+                "carry": self._carry_state(carry), "stats": stats}
 
     def __iter__(self) -> ResumableIterator:
         return self
@@ -158,11 +172,11 @@ class BatchIterator(ResumableIterator):
             raise DataError(
                 "the data split has no rows for this process; add rows or use fewer processes"
             )
+        carried = self._reread(carry_ids)  # on a resume, from their ids; then kept in memory
         while num_epochs is None or epoch < num_epochs:
             order = self._epoch_rows(epoch)
             while window * w < len(order):
                 window_stats = stats_state(stats)
-                carried = self._reread(carry_ids)
                 rows_read = self.table.read(order[window * w : (window + 1) * w])
                 examples: list[Example] = self.encoder.encode(rows_read, stats)  # type: ignore[assignment]
                 rows = carried + self._bins(examples, epoch, window)
@@ -170,16 +184,13 @@ class BatchIterator(ResumableIterator):
                 for j in range(emitted, full):
                     state = self._snapshot(epoch, window, j + 1, carry_ids, window_stats)
                     yield self._batch(rows[j * b : (j + 1) * b]), state, stats.copy()
-                carry_ids = [[ex.gid for ex in row] for row in rows[full * b :]]
+                carried = rows[full * b :]
+                carry_ids = [[ex.gid for ex in row] for row in carried]
                 window, emitted = window + 1, 0
             epoch, window = epoch + 1, 0
-        if carry_ids:
-            rows = self._reread(carry_ids)
+        if carried:
             state = self._snapshot(epoch, 0, 0, [], stats_state(stats))
-            yield self._batch(rows), state, stats.copy()
-
-    def _epoch_rows(self, epoch: int) -> np.ndarray:
-        return epoch_rows(self.row_ids, self.cfg, epoch, self.process_index, self.process_count)
+            yield self._batch(carried), state, stats.copy()
 
     def _bins(self, examples: list[Example], epoch: int, window: int) -> list[list[Example]]:
         if not self.cfg.pack:
@@ -204,18 +215,6 @@ class BatchIterator(ResumableIterator):
         return pack_rows(
             examples, bins, self.cfg.seq_len, self.encoder.pad_id, n_rows=self.local_batch
         )
-
-    def _snapshot(
-        self, epoch: int, window: int, emitted: int, carry: list[list[int]], stats: dict[str, Any]
-    ) -> dict[str, Any]:
-        return {
-            **self._initial_state(),
-            "epoch": epoch,
-            "window": window,
-            "emitted": emitted,
-            "carry": [list(b) for b in carry],
-            "stats": stats,
-        }
 
 
 _CHECKED = (

@@ -267,9 +267,6 @@ class PreferenceIterator(ResumableIterator):
                     stats.copy(),
                 )
 
-    def _epoch_rows(self, epoch: int) -> np.ndarray:
-        return epoch_rows(self.row_ids, self.cfg, epoch, self.process_index, self.process_count)
-
     def _take(self, pending: list[Unit]) -> tuple[list[Unit], list[Unit]]:
         """The next batch's units and the rest, deferred units first (in their order)."""
         b = self.local
@@ -311,18 +308,6 @@ class PreferenceIterator(ResumableIterator):
             label[:n] = [u.label for u in units]  # type: ignore[union-attr]
             batch["label"] = label
         return batch
-
-    def _snapshot(
-        self, epoch: int, window: int, emitted: int, carry: list[int], stats: dict[str, Any]
-    ) -> dict[str, Any]:
-        return {
-            **self._initial_state(),
-            "epoch": epoch,
-            "window": window,
-            "emitted": emitted,
-            "carry": list(carry),
-            "stats": stats,
-        }
 
 
 def _example_index(

@@ -7,7 +7,6 @@ YAML in ``configs/``) and the loop build exactly the same things.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from jaxft.models import LlamaConfig, abstract_params, architecture, load_hf
 from jaxft.peft import LoraSpec, lora_init
 from jaxft.quant.nf4 import nf4_quantize
 from jaxft.train.optim import lr_schedule, make_optimizer, warmup_steps_for
-from jaxft.train.sharding import make_mesh, optimizer_shardings, tree_shardings
+from jaxft.train.sharding import optimizer_shardings, tree_shardings
 from jaxft.train.step import init_state
 
 
@@ -73,18 +72,6 @@ def make_tx(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return tx, schedule
 
 
-@dataclass
-class Plan:
-    """Abstract (shape-only) view of a run: parameters, state and their shardings."""
-
-    config: LlamaConfig
-    mesh: Mesh
-    frozen: Any
-    state: Any
-    frozen_shardings: Any
-    state_shardings: Any
-
-
 def state_shardings(state: Any, mesh: Mesh, rules: dict) -> Any:
     trainable_sh = tree_shardings(state["trainable"], rules, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -123,15 +110,6 @@ def mesh_shape(cfg: Config, num_devices: int) -> dict[str, int]:
     for v in sizes.values():
         known *= v if v != -1 else 1
     return {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
-
-
-def abstract_plan(cfg: Config, devices: list[jax.Device] | None = None) -> Plan:
-    """Everything the run would hold, as shapes and shardings over real ``devices``."""
-    config, frozen, state = abstract_trees(cfg)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
-    rules = dict(cfg.mesh.rules)
-    return Plan(config, mesh, frozen, state, tree_shardings(frozen, rules, mesh),
-                state_shardings(state, mesh, rules))
 
 
 def _quantize_tree(params: Any, block_size: int, double_quant: bool) -> Any:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
+
 
 def chat(i: int, turns: int = 1) -> dict:
     """A small distinct conversation (row ``i``)."""
@@ -23,3 +27,17 @@ def segments(batch) -> list[tuple[int, ...]]:
         for s in np.unique(seg[seg > 0]):
             out.append(tuple(int(t) for t in toks[seg == s]))
     return out
+
+
+def take(it, n=None) -> list[dict]:
+    """The first ``n`` batches (all when ``None``) of an iterator, closing it afterwards."""
+    with it:
+        return list(it if n is None else itertools.islice(it, n))
+
+
+def assert_same_batches(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)

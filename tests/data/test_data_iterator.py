@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import threading
 
 import numpy as np
 import pytest
-from data_helpers import chat, segments
+from data_helpers import assert_same_batches, chat, segments, take
 
 from jaxft.data import DataConfig, DataStats, Encoder, build_iterators
 from jaxft.data.sources import RowTable, open_sources
@@ -38,38 +37,25 @@ def _all_examples(cfg, tokenizer):
     return {tuple(ex.ids.tolist()): ex.gid for ex in examples}
 
 
-def _take(it, n=None):
-    with it:
-        return list(it if n is None else itertools.islice(it, n))
-
-
-def _same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def _rows_seen(batches, by_tokens):
     return [by_tokens[s] for b in batches for s in segments(b)]
 
 
 def test_one_epoch_sees_every_row_once_deterministically(rows_path, tokenizer):
     cfg = _cfg(rows_path)
-    batches = _take(build_iterators(cfg, tokenizer)[0])
+    batches = take(build_iterators(cfg, tokenizer)[0])
     seen = _rows_seen(batches, _all_examples(cfg, tokenizer))
     assert sorted(seen) == list(range(300))
     assert all(b["tokens"].shape == (4, 256) and b["tokens"].dtype == np.int32 for b in batches)
-    _same(batches, _take(build_iterators(cfg, tokenizer)[0]))
-    other = _take(build_iterators(_cfg(rows_path, seed=4), tokenizer)[0])
+    assert_same_batches(batches, take(build_iterators(cfg, tokenizer)[0]))
+    other = take(build_iterators(_cfg(rows_path, seed=4), tokenizer)[0])
     assert sorted(_rows_seen(other, _all_examples(cfg, tokenizer))) == list(range(300))
     assert _rows_seen(other, _all_examples(cfg, tokenizer)) != seen
 
 
 def test_epochs_reshuffle(rows_path, tokenizer):
     cfg = _cfg(rows_path, num_epochs=2, pack=False, batch_size=10)
-    seen = _rows_seen(_take(build_iterators(cfg, tokenizer)[0]), _all_examples(cfg, tokenizer))
+    seen = _rows_seen(take(build_iterators(cfg, tokenizer)[0]), _all_examples(cfg, tokenizer))
     assert len(seen) == 600 and collections.Counter(seen) == {i: 2 for i in range(300)}
     assert seen[:300] != seen[300:]
 
@@ -85,7 +71,7 @@ def test_restore_at_every_batch_gives_the_same_continuation(rows_path, tokenizer
     for k in range(0, len(batches) + 1, 3):
         fresh = build_iterators(cfg, tokenizer)[0]
         fresh.restore(states[k])
-        _same(_take(fresh, 2), batches[k : k + 2])
+        assert_same_batches(take(fresh, 2), batches[k : k + 2])
 
 
 def test_resume_in_a_new_process(rows_path, tokenizer, tokenizer_dir, tmp_path):
@@ -115,7 +101,7 @@ def test_resume_in_a_new_process(rows_path, tokenizer, tokenizer_dir, tmp_path):
     with np.load(out) as z:
         resumed = [{f: z[f"{i}/{f}"] for f in rest[0]} for i in range(len(z.files) // 5)]
     assert len(rest) > 10
-    _same(resumed, rest)
+    assert_same_batches(resumed, rest)
 
 
 def test_two_processes_read_disjoint_slices_covering_the_epoch(
@@ -181,7 +167,7 @@ def test_a_bad_row_in_the_prefetch_thread_reaches_the_caller(write_jsonl, tokeni
 
 def test_state_is_small_and_checked_on_restore(rows_path, tokenizer):
     it = build_iterators(_cfg(rows_path), tokenizer)[0]
-    _take(it, 7)
+    take(it, 7)
     state = it.state()
     assert len(json.dumps(state)) < 2000
     other = build_iterators(_cfg(rows_path, seq_len=512), tokenizer)[0]
@@ -193,17 +179,17 @@ def test_held_out_validation_is_disjoint_from_train(rows_path, tokenizer):
     cfg = _cfg(rows_path, validation_fraction=0.1, pack=False, batch_size=5)
     train, val = build_iterators(cfg, tokenizer)
     by_tokens = _all_examples(_cfg(rows_path), tokenizer)
-    t = _rows_seen(_take(train), by_tokens)
-    val_batches = _take(val)
+    t = _rows_seen(take(train), by_tokens)
+    val_batches = take(val)
     v = _rows_seen(val_batches, by_tokens)
     assert len(v) == 30 and not set(t) & set(v) and sorted(t + v) == list(range(300))
     assert v == sorted(v)  # validation: one pass, in order
     val.reset()  # the next evaluation pass sees the same batches
-    _same(_take(val), val_batches)
+    assert_same_batches(take(val), val_batches)
 
 
 def test_packing_off_gives_one_padded_example_per_row(rows_path, tokenizer):
-    batches = _take(build_iterators(_cfg(rows_path, pack=False), tokenizer)[0])
+    batches = take(build_iterators(_cfg(rows_path, pack=False), tokenizer)[0])
     assert all(((b["segment_ids"] <= 1).all()) for b in batches)
     assert sum(int((b["segment_ids"].max(axis=1) == 1).sum()) for b in batches) == 300
 
@@ -214,7 +200,7 @@ def test_overlong_rows_are_counted(rows_path, tokenizer, overlong):
     lengths = [len(t) for t in _all_examples(_cfg(rows_path), tokenizer)]
     n_long = sum(n > 96 for n in lengths)
     it = build_iterators(cfg, tokenizer)[0]
-    batches = _take(it)
+    batches = take(it)
     stats = it.stats
     assert n_long > 0 and stats.rows == 300
     n_segments = sum(len(segments(b)) for b in batches)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import importlib.util
-import itertools
 import json
 import os
 import random
@@ -14,6 +13,7 @@ import threading
 
 import numpy as np
 import pytest
+from data_helpers import assert_same_batches, take
 
 from jaxft.data import (
     DataConfig,
@@ -64,11 +64,6 @@ def _iterator(cfg, tokenizer, objective="pairs", batch_pairs=4, **kw) -> Prefere
     )
 
 
-def _take(it, n=None) -> list[dict]:
-    with it:
-        return list(it if n is None else itertools.islice(it, n))
-
-
 def _examples(batch) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
     """Global example index -> (tokens, loss_mask) of every example in a batch."""
     out = {}
@@ -90,14 +85,6 @@ def _pairs(batch, batch_pairs: int, offset: int = 0) -> list[tuple]:
     return [(ex[i], ex[batch_pairs + i]) for i in used]
 
 
-def _same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -108,7 +95,7 @@ def test_pair_batch_token_by_token(write_jsonl, tokenizer):
         {"prompt": "Again?", "chosen": "Yes.", "rejected": "No, never again."},
     ]
     cfg = _cfg(write_jsonl(rows), seq_len=64, pack=False, shuffle=False)
-    (batch,) = _take(
+    (batch,) = take(
         build_preference_iterators(cfg, tokenizer, objective="pairs", batch_pairs=2)[0]
     )
     pad, im_end = Encoder(cfg, tokenizer).pad_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -144,7 +131,7 @@ def test_packed_and_unpacked_batches_hold_the_same_whole_pairs(write_jsonl, toke
     runs = {}
     for pack in (False, True):
         it = _iterator(_cfg(path, pack=pack, seq_len=512), tokenizer, batch_pairs=8)
-        batches = _take(it)
+        batches = take(it)
         assert all(b["tokens"].shape == (it.n_rows, 512) for b in batches)
         runs[pack] = (it.n_rows, batches)
     (r_pad, padded), (r_pack, packed) = runs[False], runs[True]
@@ -172,7 +159,7 @@ def test_pairs_that_do_not_fit_are_deferred_whole(write_jsonl, tokenizer):
         tuple(p.chosen.ids.tolist()): p.gid
         for p in Encoder(cfg, tokenizer).encode(_rows(cfg), DataStats())
     }
-    batches = _take(_iterator(cfg, tokenizer, batch_pairs=8, rows=3))
+    batches = take(_iterator(cfg, tokenizer, batch_pairs=8, rows=3))
     counts = [int(b["valid"].sum()) for b in batches]
     assert all(b["tokens"].shape == (3, 512) for b in batches)
     assert min(counts) < 8 and max(counts) > 1  # pairs deferred, rows still shared
@@ -202,7 +189,7 @@ def _trl_kl_rotation():
 def test_kto_kl_examples_follow_trl(write_jsonl, tokenizer):
     rows = _kto_rows(3)
     cfg = _cfg(write_jsonl(rows), pack=False, shuffle=False)
-    (batch,) = _take(build_preference_iterators(cfg, tokenizer, objective="kto", batch_pairs=3)[0])
+    (batch,) = take(build_preference_iterators(cfg, tokenizer, objective="kto", batch_pairs=3)[0])
     assert batch["label"].tolist() == [int(r["label"]) for r in rows]
     assert batch["valid"].tolist() == [1, 1, 1] and batch["tokens"].shape == (6, 256)
     ex = _examples(batch)
@@ -236,10 +223,10 @@ def test_restore_gives_the_same_following_batches(write_jsonl, tokenizer, object
     for k in range(len(batches) + 1):  # every state: mid-window, carried, deferred, the end
         fresh = _iterator(cfg.model_copy(update={"prefetch": 2}), tokenizer, objective, 4, rows=3)
         fresh.restore(states[k])
-        _same(_take(fresh, 3), batches[k : k + 3])
+        assert_same_batches(take(fresh, 3), batches[k : k + 3])
     assert not [t for t in threading.enumerate() if t.name == "jaxft-data-prefetch"]
     it.reset()
-    _same(_take(it, 2), batches[:2])
+    assert_same_batches(take(it, 2), batches[:2])
     other = _iterator(cfg.model_copy(update={"seed": 6}), tokenizer, objective, 4, rows=3)
     with pytest.raises(DataError, match="seed=5 but the data now gives seed=6"):
         other.restore(states[3])
@@ -254,7 +241,7 @@ def test_two_processes_take_disjoint_slices_covering_the_epoch(write_jsonl, toke
     slices = []
     for p in range(2):
         it = _iterator(cfg, tokenizer, batch_pairs=8, process_index=p, process_count=2)
-        batches = _take(it)
+        batches = take(it)
         assert all(b["valid"].shape == (4,) and b["tokens"].shape[0] == it.n_rows for b in batches)
         # global example ids: process p holds pairs 4p..4p+3, chosen i and rejected 8 + i
         slices.append([by_tokens[c[0]] for b in batches for c, _ in _pairs(b, 8, offset=4 * p)])
@@ -270,7 +257,7 @@ def test_overlong_pairs_are_counted(write_jsonl, tokenizer, overlong):
     whole = Encoder(_cfg(cfg.train[0], seq_len=4096), tokenizer).encode(_rows(cfg), DataStats())
     long = {p.gid for p in whole if max(len(p.chosen.ids), len(p.rejected.ids)) > 96}
     it = _iterator(cfg, tokenizer, batch_pairs=4)
-    seen = [pair for b in _take(it) for pair in _pairs(b, 4)]
+    seen = [pair for b in take(it) for pair in _pairs(b, 4)]
     assert 0 < len(long) < 24 and it.stats.rows == 24
     if overlong == "drop":
         assert it.stats.dropped == {"overlong": len(long)} and len(seen) == 24 - len(long)
@@ -319,10 +306,10 @@ def test_validation_is_one_pass_in_order_with_the_train_shape(write_jsonl, token
     cfg = _cfg(write_jsonl(_pair_rows(60, seed=6)), seq_len=512, validation_fraction=0.2)
     train, val = build_preference_iterators(cfg, tokenizer, objective="pairs", batch_pairs=4)
     assert val is not None and val.n_rows == train.n_rows < 8
-    first = _take(val)
+    first = take(val)
     assert sum(int(b["valid"].sum()) for b in first) == 12
     val.reset()
-    _same(_take(val), first)
+    assert_same_batches(take(val), first)
 
 
 def test_kl_lengths_used_for_packing_match_the_kl_examples():

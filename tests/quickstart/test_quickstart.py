@@ -18,9 +18,11 @@ def test_corpus_is_deterministic_and_consistent():
 
     for row in a["heldout"]:
         jsonschema.validate(row["expected"], schema())
-    greeted = [p for p in a["pairs"] if p["rejected"] != p["chosen"]]
-    assert len(greeted) == len(a["pairs"])
-    assert all(json.loads(p["chosen"]) for p in a["pairs"])
+    for p in a["pairs"]:  # chosen: the bare JSON answer; rejected: the same answer in filler
+        answer = json.loads(p["chosen"])
+        assert p["rejected"] != p["chosen"] and json.dumps(answer) in p["rejected"]
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(p["rejected"])
 
 
 def test_pipeline_runs_end_to_end_and_replaces_its_outputs(tmp_path, capsys):
