@@ -21,7 +21,8 @@ libtcmalloc_minimal.so.4, skipped with a note when the library is not installed;
 ``jnp.dot`` in its own subprocess; MFU uses the best rate of the whole invocation.
 
 Reported per cell: median over repetitions of tokens/s, of the median step time, and of peak RSS
-(``ru_maxrss``), plus user/system CPU time and minor page faults of the measured steps.
+(the worker's ``VmHWM``: ``ru_maxrss`` would carry this driver's peak across ``exec``), plus
+user/system CPU time and minor page faults of the measured steps.
 """
 
 from __future__ import annotations

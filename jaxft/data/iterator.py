@@ -32,6 +32,7 @@ from jaxft.data.sources import RowTable, open_sources, split_validation
 from jaxft.errors import DataError
 
 _STATE_VERSION = 1
+_PROGRESS = ("epoch", "window", "emitted", "carry", "stats")  # what a saved state may vary
 _END = object()
 
 
@@ -39,19 +40,38 @@ class ResumableIterator:
     """The protocol both batch iterators share: iteration through a ``Prefetcher``,
     ``state()`` / ``restore()`` / ``reset()``, ``stats``, ``close()`` and ``with``.
 
-    A subclass sets ``self._feed`` and defines ``_initial_state()``; ``_carry_state`` turns the
+    A subclass sets ``self._feed`` and defines ``_settings()``; ``_carry_state`` turns the
     carried rows into JSON-friendly lists and back.
     """
 
     _feed: Prefetcher
-    _checked: tuple[str, ...] = ()
     row_ids: np.ndarray
     cfg: DataConfig
     process_index: int
     process_count: int
 
-    def _initial_state(self) -> dict[str, Any]:
+    def _settings(self) -> dict[str, Any]:
+        """The subclass's own settings that a saved state must match."""
         raise NotImplementedError
+
+    def _initial_state(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "version": _STATE_VERSION,
+            "epoch": 0,
+            "window": 0,
+            "emitted": 0,
+            "carry": [],
+            "stats": stats_state(DataStats()),
+            "rows": len(self.row_ids),
+            "process": [self.process_index, self.process_count],
+            **self._settings(),
+            "seq_len": c.seq_len,
+            "pack": c.pack,
+            "window_rows": c.pack_window,
+            "seed": c.seed,
+            "shuffle": c.shuffle,
+        }
 
     @staticmethod
     def _carry_state(carry: list) -> list:
@@ -82,7 +102,8 @@ class ResumableIterator:
     def restore(self, state: dict[str, Any]) -> None:
         """Continue after the batch at which ``state`` was taken (before iterating further)."""
         self.close()
-        check_state(state, self._initial_state(), self._checked)
+        expected = self._initial_state()
+        check_state(state, expected, [k for k in expected if k not in _PROGRESS])
         self._feed.restart({**state, "carry": self._carry_state(state["carry"])})
 
     def reset(self) -> None:
@@ -143,24 +164,8 @@ class BatchIterator(ResumableIterator):
 
     # -- production --------------------------------------------------------------------------
 
-    def _initial_state(self) -> dict[str, Any]:
-        c = self.cfg
-        return {
-            "version": _STATE_VERSION,
-            "epoch": 0,
-            "window": 0,
-            "emitted": 0,
-            "carry": [],
-            "stats": stats_state(DataStats()),
-            "rows": len(self.row_ids),
-            "process": [self.process_index, self.process_count],
-            "batch_size": c.batch_size,
-            "seq_len": c.seq_len,
-            "pack": c.pack,
-            "window_rows": c.pack_window,
-            "seed": c.seed,
-            "shuffle": c.shuffle,
-        }
+    def _settings(self) -> dict[str, Any]:
+        return {"batch_size": self.cfg.batch_size}
 
     def _produce(self, start: dict[str, Any]) -> Iterator[tuple[Batch, dict, DataStats]]:
         epoch, window, emitted = start["epoch"], start["window"], start["emitted"]
@@ -216,20 +221,6 @@ class BatchIterator(ResumableIterator):
             examples, bins, self.cfg.seq_len, self.encoder.pad_id, n_rows=self.local_batch
         )
 
-
-_CHECKED = (
-    "version",
-    "rows",
-    "process",
-    "batch_size",
-    "seq_len",
-    "pack",
-    "window_rows",
-    "seed",
-    "shuffle",
-)
-
-BatchIterator._checked = _CHECKED
 
 # -- shared with the preference batcher (jaxft.data.preference) --------------------------------
 

@@ -68,20 +68,6 @@ from jaxft.errors import DataError
 Objective = Literal["pairs", "kto"]
 Unit = PairExample | KtoExample
 _FAMILY = {"pairs": "preference", "kto": "kto"}
-_STATE_VERSION = 1
-_CHECKED = (
-    "version",
-    "objective",
-    "rows",
-    "process",
-    "batch_pairs",
-    "n_rows",
-    "seq_len",
-    "pack",
-    "window_rows",
-    "seed",
-    "shuffle",
-)
 _TRIALS = 64  # batches simulated to choose the packed row count
 _QUANTILE = 0.95  # share of those batches that must fit without deferring a unit
 
@@ -146,7 +132,6 @@ class PreferenceIterator(ResumableIterator):
     estimating it (packing only).
     """
 
-    _checked = _CHECKED
 
     def __init__(
         self,
@@ -210,26 +195,8 @@ class PreferenceIterator(ResumableIterator):
         units: list[Unit] = self.encoder.encode(rows, DataStats())  # type: ignore[assignment]
         return estimate_rows(units, self.local, self.cfg.seq_len, self.cfg.seed)
 
-    def _initial_state(self) -> dict[str, Any]:
-        c = self.cfg
-        return {
-            "version": _STATE_VERSION,
-            "objective": self.objective,
-            "epoch": 0,
-            "window": 0,
-            "emitted": 0,
-            "carry": [],
-            "stats": stats_state(DataStats()),
-            "rows": len(self.row_ids),
-            "process": [self.process_index, self.process_count],
-            "batch_pairs": self.batch_pairs,
-            "n_rows": self.n_rows,
-            "seq_len": c.seq_len,
-            "pack": c.pack,
-            "window_rows": c.pack_window,
-            "seed": c.seed,
-            "shuffle": c.shuffle,
-        }
+    def _settings(self) -> dict[str, Any]:
+        return {"objective": self.objective, "batch_pairs": self.batch_pairs, "n_rows": self.n_rows}
 
     def _produce(self, start: dict[str, Any]) -> Iterator[tuple[Batch, dict, DataStats]]:
         epoch, window, emitted = start["epoch"], start["window"], start["emitted"]
