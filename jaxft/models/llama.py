@@ -141,7 +141,7 @@ class Transformer(nn.Module):
 
     Generation passes a ``cache`` (``init_cache``): keys/values of every layer, ``[L, b, S, hk, d]``
     (a list per layer when unrolled); the call writes its tokens at ``cache_index`` and returns
-    ``(logits, new_cache)``. ``kv_segment_ids`` ``[b, S]`` marks cache slots (0 = padding).
+    ``(logits of the last position [b, 1, V], new_cache)``. ``kv_segment_ids`` ``[b, S]`` marks cache slots (0 = padding).
     Training passes ``targets`` ``[b, t]`` instead and gets ``(log p(target), logsumexp)``, each
     ``[b, t]`` in fp32, computed without materialising the logits (``jaxft.nn.head``).
     """
@@ -202,6 +202,8 @@ class Transformer(nn.Module):
                 logp, lse = Linear(c.vocab_size, name="lm_head", dtype=dt, param_dtype=pdt)(
                     x, self.deterministic, targets=targets.reshape(b * t))
             return logp.reshape(b, t), lse.reshape(b, t)
+        if cache is not None:  # generation samples from the last position only
+            x, t = x.reshape(b, t, -1)[:, -1], 1
         if c.tie_word_embeddings:
             logits = jnp.dot(x, embedding.astype(dt).T)
         else:
