@@ -32,17 +32,17 @@ def run(args: argparse.Namespace) -> int:
         if args.overrides:
             cfg = load_config(target / "config.yaml", args.overrides)
         lora = trainable if cfg.train.method == "lora" else None
-        params = params if lora is not None else trainable
+        base, params = params, (params if lora is not None else trainable)
         out = Path(args.out or target / "eval")
     else:
         cfg = load_config(target, args.overrides)
         config, params = setup.load_model(cfg)
-        lora, step = None, 0
+        lora, step, base = None, 0, None
         out = Path(args.out or Path(cfg.train.output_dir) / "eval-base")
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     results: dict[str, object] = {"step": step}
     if "loss" in cfg.eval.metrics:
-        results["val_loss"] = validation_loss(cfg, config, params, lora, tok)
+        results.update(validation_loss(cfg, config, params, lora, tok, reference=base))
     if "json" in cfg.eval.metrics:
         if not cfg.eval.prompts:
             from jaxft.errors import ConfigError

@@ -73,20 +73,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _build_data(cfg: Config, tokenizer: Any) -> tuple[Any, Any, int | None]:
-    """Train/validation iterators and, for preference objectives, examples per micro-batch."""
-    from jaxft.data import build_iterators, build_preference_iterators
-
-    kw = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-    if cfg.train.objective == "sft":
-        return (*build_iterators(cfg.data, tokenizer, **kw), None)
-    pairs = cfg.data.batch_size // cfg.train.grad_accum
-    kind = "kto" if cfg.train.objective == "kto" else "pairs"
-    train_it, val_it = build_preference_iterators(cfg.data, tokenizer, objective=kind,
-                                                  batch_pairs=pairs, **kw)
-    return train_it, val_it, 2 * pairs
-
-
 def _next_batch(it: Any, accum: int, stacked: bool) -> dict[str, np.ndarray] | None:
     """The next step's data: one batch split into ``accum`` micro-batches (SFT), or ``accum``
     whole batches stacked (preference objectives: a pair never straddles micro-batches)."""
@@ -255,7 +241,7 @@ def _prepare(cfg: Config, say: Callable[..., None]) -> _Run:
     rules = dict(cfg.mesh.rules)
     _check_geometry(cfg, mesh)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    train_iter, val_iter, num_examples = _build_data(cfg, tokenizer)
+    train_iter, val_iter, num_examples = setup.build_data(cfg, tokenizer)
     train_start = train_iter.state()
     preference = num_examples is not None
     config, params = setup.load_model(cfg)

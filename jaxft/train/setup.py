@@ -140,3 +140,17 @@ def base_fingerprint(path: str | None) -> str | None:
         h.update(f.name.encode())
         h.update(str(f.stat().st_size).encode())
     return h.hexdigest()
+
+
+def build_data(cfg: Config, tokenizer: Any) -> tuple[Any, Any, int | None]:
+    """Train/validation iterators and, for preference objectives, examples per micro-batch."""
+    from jaxft.data import build_iterators, build_preference_iterators
+
+    kw = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    if cfg.train.objective == "sft":
+        return (*build_iterators(cfg.data, tokenizer, **kw), None)
+    pairs = cfg.data.batch_size // cfg.train.grad_accum
+    kind = "kto" if cfg.train.objective == "kto" else "pairs"
+    train_it, val_it = build_preference_iterators(cfg.data, tokenizer, objective=kind,
+                                                  batch_pairs=pairs, **kw)
+    return train_it, val_it, 2 * pairs

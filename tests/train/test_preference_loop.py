@@ -84,6 +84,22 @@ def test_dpo_learns_held_out_preferences(dpo_runs, beta):
     assert (out / "run" / "preference.png").stat().st_size > 10_000
 
 
+def test_eval_validation_loss_equals_the_runs_own(dpo_runs):
+    """`jaxft eval`'s loss metric on a DPO run: the objective's validation loss with the base as
+    reference, as the run logged it at its last step (not an SFT loss)."""
+    from jaxft.data.tokens import load_tokenizer
+    from jaxft.train.evaluate import validation_loss
+    from jaxft.train.exporting import restore_trained
+
+    out, _, vals = dpo_runs[0.1]
+    cfg, config, params, lora, step = restore_trained(out / "run", "latest")
+    assert step == vals[-1]["step"] == 60
+    got = validation_loss(cfg, config, params, lora, load_tokenizer(cfg.model.tokenizer
+                                                                     or cfg.model.path))
+    for key in ("val_loss", "val_rewards/accuracies", "val_kl_ref"):
+        np.testing.assert_allclose(got[key], vals[-1][key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_higher_beta_stays_closer_to_reference(dpo_runs):
     # With Adam both runs move at the same speed at first; the larger beta saturates its loss
     # sooner and stops pulling away from the reference (measured: 0.71 vs 0.95 nats/token).
