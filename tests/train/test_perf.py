@@ -24,7 +24,7 @@ def test_release_free_memory_names_the_allocator():
 def test_peak_rss_is_this_process_not_its_parent(tmp_path):
     """A child of a large parent reports its own peak (``ru_maxrss`` would report the parent's)."""
     block = np.ones(200 * 2**20 // 8)  # this process: at least 200 MB resident
-    assert peak_rss_bytes() >= rss_bytes() >= block.nbytes
+    assert peak_rss_bytes() >= block.nbytes and rss_bytes() >= block.nbytes
     code = "from jaxft._host import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                check=True).stdout)
