@@ -132,7 +132,6 @@ class PreferenceIterator(ResumableIterator):
     estimating it (packing only).
     """
 
-
     def __init__(
         self,
         table: RowTable,
